@@ -1,0 +1,75 @@
+"""The plain in-memory view of one LoRA adapter: where its factors are, and their scales.
+
+Readers turn files into ``Adapter`` objects; the math never sees a file format. Factors are
+read lazily, one module at a time, so memory follows one module group, not the zoo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import InputError
+from .safetensors_file import SafetensorsFile
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: ΔW = scale · B · A, with B (n × r) and A (r × d) after flattening.
+
+    ``a_shape``/``b_shape`` keep the stored shapes (conv kernels, embeddings) for export.
+    """
+
+    name: str
+    a_key: str
+    b_key: str
+    rank: int
+    n: int
+    d: int
+    scale: float
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Adapter:
+    """One source adapter: its LoRA modules, its non-LoRA tensors and its PEFT config."""
+
+    name: str
+    source: str
+    file: SafetensorsFile
+    modules: dict[str, LoraModule]
+    extras: list[str]
+    config: dict = field(default_factory=dict)
+    _sha256: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = self.file.sha256()
+        return self._sha256
+
+    @property
+    def rank(self) -> int:
+        return max(m.rank for m in self.modules.values())
+
+    @property
+    def lora_bytes(self) -> int:
+        """Bytes of the LoRA factors as stored in the source (what compression replaces)."""
+        t = self.file.tensors
+        return sum(t[m.a_key].nbytes + t[m.b_key].nbytes for m in self.modules.values())
+
+    def factors(self, module: str, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) of one module as ``dtype`` matrices; refuses NaN/Inf."""
+        spec = self.modules[module]
+        b = self.file.read(spec.b_key)
+        a = self.file.read(spec.a_key)
+        for key, t in ((spec.b_key, b), (spec.a_key, a)):
+            if not bool(torch.isfinite(t).all()):
+                raise InputError(self.file.path, f"tensor {key!r} contains NaN or Inf")
+        return b.reshape(spec.n, spec.rank).to(dtype), a.reshape(spec.rank, spec.d).to(dtype)
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        return {key: self.file.read(key) for key in self.extras}

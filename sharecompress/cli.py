@@ -1,0 +1,138 @@
+"""The ``sharecompress`` command: a thin Typer layer over the Python API.
+
+Logs and progress go to stderr so that ``--json`` on stdout stays parseable. Problems with
+the user's input become one line on stderr and exit code 2; ``--max-error`` gates exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__
+from .errors import ShareError
+from .zoo import DEFAULT_ZOO
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Compress a zoo of LoRA adapters into one shared basis per module plus tiny per-adapter cores.",
+)
+err = Console(stderr=True)
+out = Console()
+
+ZooOption = typer.Option(DEFAULT_ZOO, "--zoo", help="Zoo directory.")
+
+
+def fail(message: str, code: int = 2) -> "typer.Exit":
+    err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the user's problems (bad files, bad options) into one line and exit code 2."""
+    try:
+        yield
+    except ShareError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+
+@contextmanager
+def module_progress(enabled: bool, label: str):
+    """A progress callback drawing a bar on stderr, or a no-op when not on a terminal."""
+    if not (enabled and err.is_terminal and sys.stdout.isatty()):
+        yield None
+        return
+    with Progress(
+        TextColumn(f"{label} [dim]{{task.fields[module]}}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None, module="")
+
+        def update(done: int, total: int, module: str) -> None:
+            bar.update(task, completed=done, total=total, module=module)
+
+        yield update
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        out.print(f"sharecompress {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Print the version."),
+) -> None:
+    """sharecompress: merge, report."""
+
+
+@app.command()
+def merge(
+    sources: List[str] = typer.Argument(..., help="PEFT adapter dirs, .safetensors files, or directories of them."),
+    zoo: Path = ZooOption,
+    k: Optional[int] = typer.Option(None, "-k", "--k", help="Fixed number of shared components per module."),
+    energy: Optional[float] = typer.Option(
+        None, "--energy", help="Smallest k per module keeping this share of energy (default 0.99 when -k is not given)."
+    ),
+    method: str = typer.Option("share", "--method", help="share (gauge-invariant, refined) or paper (stack B's and A's)."),
+    sweeps: int = typer.Option(3, "--sweeps", help="Alternating refinement sweeps (share method)."),
+    p: Optional[int] = typer.Option(None, "--p", help="Pseudo-rank of each adapter's core (default: its own rank, at most k)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Storage dtype: auto (the inputs'), float32, float16, bfloat16."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing zoo."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank for bare .safetensors files without a config."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha for bare .safetensors files without a config."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
+) -> None:
+    """Compress adapters into a new zoo."""
+    from .merge import merge as run_merge
+    from .report import render
+
+    with user_errors(), module_progress(not quiet, "merging") as progress:
+        result = run_merge(
+            sources, zoo, k=k, energy=energy, method=method, sweeps=sweeps, p=p, dtype=dtype,
+            force=force, rank=rank, alpha=alpha, progress=progress,
+        )
+    if not quiet:
+        render(result.report(), err)
+        err.print(f"wrote zoo [bold]{zoo}[/] ({len(result.adapters)} adapters, {len(result.modules)} modules)")
+
+
+@app.command()
+def report(
+    zoo: Path = ZooOption,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    max_error: Optional[float] = typer.Option(None, "--max-error", help="Exit 1 when any adapter's relative error is above this."),
+) -> None:
+    """Exact reconstruction error and bytes, per adapter and for the zoo."""
+    from .zoo import Zoo
+    from .report import render
+
+    with user_errors():
+        data = Zoo.open(zoo).report()
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=1) + "\n")
+    else:
+        render(data, out, max_error)
+    if max_error is not None:
+        over = [a["name"] for a in data["adapters"] if a["relative_error"] > max_error]
+        if over:
+            err.print(f"{len(over)} adapter(s) above --max-error {max_error:g}: {', '.join(over)}", highlight=False)
+            raise typer.Exit(1)
+
+
+def run() -> None:  # console-script entry point
+    app()

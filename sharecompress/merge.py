@@ -1,0 +1,280 @@
+"""``merge``: many adapters in, one zoo out, written whole or not at all."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from . import __version__
+from .adapter import Adapter
+from .compress import METHODS, KRule, ModuleResult, compress_module
+from .errors import InputError, ZooError
+from .readers import find_adapters
+from .storage import file_sha256, fsync_dir, safe_name, save_tensors_durably, write_json_durably
+from .zoo import DEFAULT_ZOO, FORMAT, FORMAT_VERSION, MANIFEST, Zoo
+
+DEFAULT_ENERGY = 0.99
+DEFAULT_SWEEPS = 3
+STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SOURCE_DTYPE = {"F32": "float32", "F64": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+Progress = Callable[[int, int, str], None]
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def storage_dtype(adapters: list[Adapter], requested: str) -> str:
+    """``auto``: the inputs' own float type when they all share one, else float32."""
+    if requested != "auto":
+        if requested not in STORE_DTYPES:
+            raise ValueError(f"unknown dtype {requested!r}")
+        return requested
+    kinds = {_SOURCE_DTYPE.get(m.dtype, "float32") for a in adapters for m in a.modules.values()}
+    return kinds.pop() if len(kinds) == 1 else "float32"
+
+
+def base_model_of(adapters: list[Adapter]) -> str | None:
+    """The adapters' base model; refuses a zoo that mixes base models.
+
+    Compared by the last path component, so a Hub id and a local copy of it agree.
+    """
+    found: tuple[str, Adapter] | None = None
+    for adapter in adapters:
+        name = adapter.config.get("base_model_name_or_path")
+        if not name:
+            continue
+        if found is None:
+            found = (name, adapter)
+        elif _model_key(name) != _model_key(found[0]):
+            raise InputError(
+                adapter.source, f"base model {name!r} differs from {found[0]!r} of {found[1].source}"
+            )
+    return found[0] if found else None
+
+
+def _model_key(name: str) -> str:
+    return name.rstrip("/").split("/")[-1]
+
+
+def module_shapes(adapters: list[Adapter]) -> dict[str, tuple[int, int]]:
+    """Every adapted module with its (n, d); refuses a module whose shape differs between adapters."""
+    shapes: dict[str, tuple[tuple[int, int], Adapter]] = {}
+    for adapter in adapters:
+        for name, spec in adapter.modules.items():
+            shape = (spec.n, spec.d)
+            if name not in shapes:
+                shapes[name] = (shape, adapter)
+            elif shapes[name][0] != shape:
+                other = shapes[name][1]
+                raise InputError(
+                    adapter.file.path,
+                    f"module {name!r} has shape {spec.n}x{spec.d} here but "
+                    f"{shapes[name][0][0]}x{shapes[name][0][1]} in {other.file.path}",
+                )
+    return {name: shape for name, (shape, _) in sorted(shapes.items())}
+
+
+def check_target(target: Path, force: bool) -> None:
+    if not target.exists():
+        return
+    if not force:
+        raise ZooError(target, "already exists; pass --force to replace it")
+    if target.is_dir() and ((target / MANIFEST).is_file() or not any(target.iterdir())):
+        return
+    raise ZooError(target, "exists and is not a sharecompress zoo; refusing to replace it")
+
+
+def merge(
+    sources: Iterable[str],
+    zoo: str | os.PathLike = DEFAULT_ZOO,
+    *,
+    k: int | None = None,
+    energy: float | None = None,
+    method: str = "share",
+    sweeps: int = DEFAULT_SWEEPS,
+    p: int | None = None,
+    dtype: str = "auto",
+    force: bool = False,
+    rank: int | None = None,
+    alpha: float | None = None,
+    progress: Progress | None = None,
+) -> Zoo:
+    """Compress the adapters named by ``sources`` into a new zoo at ``zoo``.
+
+    Everything is validated and computed into a hidden temporary directory beside the target,
+    which is renamed into place only when complete: on any error nothing is left behind.
+    """
+    sources = list(sources)
+    if k is not None and energy is not None:
+        raise ValueError("give either k or energy, not both")
+    if k is not None and k < 1:
+        raise ValueError("k must be at least 1")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ValueError("energy must be in (0, 1]")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}")
+    if p is not None and p < 1:
+        raise ValueError("p must be at least 1")
+    rule = KRule(k=k, energy=None if k is not None else (energy if energy is not None else DEFAULT_ENERGY))
+
+    target = Path(zoo)
+    check_target(target, force)
+    adapters = find_adapters(sources, rank=rank, alpha=alpha)
+    shapes = module_shapes(adapters)
+    base_model = base_model_of(adapters)
+    store_name = storage_dtype(adapters, dtype)
+    store = STORE_DTYPES[store_name]
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        manifest = _build(adapters, shapes, rule, method, sweeps, p, store, staging, progress)
+        manifest.update(
+            base_model=base_model,
+            method=method,
+            k_rule={"k": rule.k, "energy": rule.energy},
+            sweeps=sweeps,
+            p=p,
+            dtype=store_name,
+        )
+        write_json_durably(staging / MANIFEST, manifest)
+        fsync_dir(staging)
+        _publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Zoo.open(target)
+
+
+def _build(adapters, shapes, rule, method, sweeps, p, store, staging: Path, progress) -> dict:
+    cores: dict[str, dict[str, torch.Tensor]] = {a.name: {} for a in adapters}
+    entries = {a.name: _adapter_entry(a) for a in adapters}
+    basis: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict] = {}
+    for i, (module, (n, d)) in enumerate(shapes.items()):
+        holders = [a for a in adapters if module in a.modules]
+        factors = [a.factors(module) for a in holders]
+        scales = [a.modules[module].scale for a in holders]
+        result = compress_module(factors, scales, rule, method, sweeps, p, store)
+        basis[f"{module}.U"], basis[f"{module}.V"] = result.U, result.V
+        modules[module] = _module_entry(result, n, d)
+        for adapter, core in zip(holders, result.cores):
+            cores[adapter.name][f"{module}.E"] = core.E
+            cores[adapter.name][f"{module}.F"] = core.F
+            spec = adapter.modules[module]
+            entries[adapter.name]["modules"][module] = {
+                "rank": spec.rank,
+                "scale": spec.scale,
+                "p": core.E.shape[1],
+                "err2": core.err2,
+                "norm2": core.norm2,
+                "a_shape": list(spec.a_shape),
+                "b_shape": list(spec.b_shape),
+            }
+        del factors
+        if progress:
+            progress(i + 1, len(shapes), module)
+
+    save_tensors_durably(staging / "basis.safetensors", basis, {"format": "pt", "sharecompress": "basis"})
+    (staging / "adapters").mkdir()
+    used: set[str] = set()
+    for adapter in adapters:
+        stem = safe_name(adapter.name)
+        while stem.lower() in used:
+            stem += "_"
+        used.add(stem.lower())
+        rel = f"adapters/{stem}.safetensors"
+        tensors = dict(cores[adapter.name])
+        tensors.update(adapter.extra_tensors())
+        save_tensors_durably(staging / rel, tensors, {"format": "pt", "sharecompress": "coefficients"})
+        entry = entries[adapter.name]
+        entry["file"] = rel
+        entry["file_sha256"] = file_sha256(staging / rel)
+        finish_adapter_entry(entry)
+    fsync_dir(staging / "adapters")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "generation": 1,
+        "created": now(),
+        "updated": now(),
+        "basis_file": "basis.safetensors",
+        "basis_sha256": file_sha256(staging / "basis.safetensors"),
+        "modules": modules,
+        "adapters": [entries[a.name] for a in adapters],
+    }
+
+
+def _adapter_entry(adapter: Adapter) -> dict:
+    return {
+        "name": adapter.name,
+        "source": adapter.source,
+        "sha256": adapter.sha256,
+        "rank": adapter.rank,
+        "bytes_original": adapter.lora_bytes,
+        "source_dtype": sorted({m.dtype for m in adapter.modules.values()}),
+        "config": adapter.config,
+        "extras": list(adapter.extras),
+        "bytes_extras": sum(adapter.file.tensors[k].nbytes for k in adapter.extras),
+        "added": now(),
+        "drift": 0.0,
+        "modules": {},
+    }
+
+
+def finish_adapter_entry(entry: dict) -> None:
+    """Fill an adapter's summary figures from its per-module errors."""
+    mods = entry["modules"].values()
+    err2 = sum(m["err2"] for m in mods)
+    norm2 = sum(m["norm2"] for m in mods)
+    entry["p"] = max((m["p"] for m in mods), default=0)
+    entry["err2"] = err2
+    entry["norm2"] = norm2
+    entry["relative_error"] = relative(err2, norm2)
+    entry.setdefault("merge_error", entry["relative_error"])
+    entry["error_bound"] = entry["merge_error"] + entry.get("drift", 0.0)
+
+
+def relative(err2: float, norm2: float) -> float:
+    """sqrt(err² / norm²); an all-zero update reconstructed exactly has error 0."""
+    if norm2 <= 0.0:
+        return 0.0 if err2 <= 1e-30 else float("inf")
+    return (err2 / norm2) ** 0.5
+
+
+def _module_entry(result: ModuleResult, n: int, d: int) -> dict:
+    total = float(result.energies.sum())
+    err2 = sum(c.err2 for c in result.cores)
+    keep = min(result.energies.numel(), max(2 * result.k, 64))
+    curve = (torch.cumsum(result.energies[:keep], 0) / total).tolist() if total > 0 else []
+    return {
+        "shape": [n, d],
+        "k": result.k,
+        "adapters": len(result.cores),
+        "energy_total": total,
+        "energy_kept": 1.0 - err2 / total if total > 0 else 1.0,
+        "energy_curve": [round(x, 7) for x in curve],
+        "sweeps": result.sweeps_done,
+    }
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Rename the finished staging directory into place (replacing an old zoo under --force)."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+    os.rename(staging, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,103 @@
+"""What compression cost: exact errors and bytes, as a dict (for --json) and a rich table."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+
+from .merge import relative
+
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def build_report(manifest: dict) -> dict:
+    """The report object. Errors are sqrt(Σ err² / Σ ‖ΔW‖²) over the pairs named.
+
+    Byte counts are of the LoRA factors only: ``bytes_original`` the sources' lora_A/lora_B,
+    ``bytes_compressed`` the shared bases plus every adapter's cores. Non-LoRA extras (heads)
+    are stored verbatim and counted apart in ``bytes_extras``.
+    """
+    item = ITEMSIZE[manifest.get("dtype", "float32")]
+    modules = manifest["modules"]
+    basis_bytes = sum(m["k"] * (m["shape"][0] + m["shape"][1]) * item for m in modules.values())
+    coef_bytes = 0
+    total_err2 = total_norm2 = 0.0
+    adapters = []
+    for entry in manifest["adapters"]:
+        per_module = {}
+        for name, mod in entry["modules"].items():
+            k = modules[name]["k"]
+            coef_bytes += 2 * k * mod["p"] * item
+            per_module[name] = relative(mod["err2"], mod["norm2"])
+        err2 = sum(m["err2"] for m in entry["modules"].values())
+        norm2 = sum(m["norm2"] for m in entry["modules"].values())
+        total_err2 += err2
+        total_norm2 += norm2
+        adapters.append(
+            {
+                "name": entry["name"],
+                "rank": entry["rank"],
+                "p": entry.get("p"),
+                "relative_error": relative(err2, norm2),
+                "max_module_error": max(per_module.values(), default=0.0),
+                "drift": entry.get("drift", 0.0),
+                "error_bound": entry.get("error_bound", relative(err2, norm2)),
+                "bytes_original": entry["bytes_original"],
+                "modules": per_module,
+            }
+        )
+    original = sum(e["bytes_original"] for e in manifest["adapters"])
+    compressed = basis_bytes + coef_bytes
+    return {
+        "relative_error": relative(total_err2, total_norm2),
+        "energy_kept": 1.0 - total_err2 / total_norm2 if total_norm2 > 0 else 1.0,
+        "bytes_original": original,
+        "bytes_compressed": compressed,
+        "bytes_basis": basis_bytes,
+        "bytes_coefficients": coef_bytes,
+        "bytes_extras": sum(e.get("bytes_extras", 0) for e in manifest["adapters"]),
+        "compression_ratio": original / compressed if compressed else 0.0,
+        "coefficient_ratio": original / coef_bytes if coef_bytes else 0.0,
+        "method": manifest.get("method"),
+        "dtype": manifest.get("dtype"),
+        "base_model": manifest.get("base_model"),
+        "modules": {
+            name: {"shape": m["shape"], "k": m["k"], "energy_kept": m.get("energy_kept")}
+            for name, m in modules.items()
+        },
+        "adapters": adapters,
+    }
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.2f} MB" if n >= 1e5 else f"{n / 1e3:,.1f} kB"
+
+
+def render(report: dict, console: Console, max_error: float | None = None) -> None:
+    """A table per adapter, then the zoo's totals, for people."""
+    table = Table(title="sharecompress report", title_justify="left")
+    for col, just in (("adapter", "left"), ("rank", "right"), ("p", "right"), ("rel. error", "right"),
+                      ("worst module", "right"), ("drift", "right")):
+        table.add_column(col, justify=just)
+    for a in report["adapters"]:
+        err = f"{a['relative_error']:.4g}"
+        if max_error is not None and a["relative_error"] > max_error:
+            err = f"[bold red]{err}[/]"
+        table.add_row(a["name"], str(a["rank"]), str(a["p"]), err, f"{a['max_module_error']:.4g}", f"{a['drift']:.3g}")
+    console.print(table)
+    ks = Counter(m["k"] for m in report["modules"].values())
+    k_text = ", ".join(f"k={k} ×{n}" for k, n in sorted(ks.items()))
+    console.print(
+        f"zoo relative error [bold]{report['relative_error']:.4g}[/] (energy kept {report['energy_kept']:.4%}), "
+        f"method {report['method']}, stored as {report['dtype']}"
+    )
+    console.print(f"{len(report['modules'])} modules: {k_text}")
+    console.print(
+        f"LoRA bytes: original {_mb(report['bytes_original'])} → basis {_mb(report['bytes_basis'])} + "
+        f"coefficients {_mb(report['bytes_coefficients'])} = {_mb(report['bytes_compressed'])}: "
+        f"[bold]{report['compression_ratio']:.2f}×[/] all-in, {report['coefficient_ratio']:.2f}× coefficients only"
+    )
+    if report["bytes_extras"]:
+        console.print(f"non-LoRA tensors kept verbatim: {_mb(report['bytes_extras'])} (in neither figure)")

@@ -1,0 +1,107 @@
+"""The on-disk zoo (DESIGN.md §6): a manifest, one basis file, one coefficient file per adapter.
+
+Reading side only; writers go through ``publish`` (a new zoo) or ``transaction`` (updates).
+Every file a manifest names carries its sha256 there, so ``verify`` can check the lot.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ZooError
+from .safetensors_file import SafetensorsFile
+from .errors import InputError
+
+FORMAT = "sharecompress-zoo"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DEFAULT_ZOO = "share_zoo"
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the zoo at ``path``, checked for format and version."""
+    if not path.exists():
+        raise ZooError(path, "no such zoo directory")
+    if not path.is_dir():
+        raise ZooError(path, "not a zoo: not a directory")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise ZooError(path, f"not a zoo: no {MANIFEST}")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ZooError(mpath, f"corrupt manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ZooError(mpath, "not a sharecompress manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise ZooError(mpath, "corrupt manifest: no format_version")
+    if version > FORMAT_VERSION:
+        raise ZooError(
+            mpath, f"zoo format version {version} is newer than this sharecompress reads ({FORMAT_VERSION}): upgrade"
+        )
+    for key, kind in (("modules", dict), ("adapters", list), ("basis_file", str)):
+        if not isinstance(manifest.get(key), kind):
+            raise ZooError(mpath, f"corrupt manifest: {key!r} missing or of the wrong type")
+    return manifest
+
+
+class Zoo:
+    """An open zoo: its manifest, and lazy access to bases and coefficients."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+
+    @classmethod
+    def open(cls, path: str | Path = DEFAULT_ZOO) -> "Zoo":
+        return cls(path)
+
+    @property
+    def modules(self) -> dict[str, dict]:
+        return self.manifest["modules"]
+
+    @property
+    def adapters(self) -> list[dict]:
+        return self.manifest["adapters"]
+
+    @property
+    def names(self) -> list[str]:
+        return [a["name"] for a in self.adapters]
+
+    def adapter(self, name: str) -> dict:
+        for entry in self.adapters:
+            if entry["name"] == name:
+                return entry
+        raise ZooError(self.path, f"no adapter named {name!r} in this zoo (it has: {', '.join(self.names) or 'none'})")
+
+    def _file(self, relative: str) -> SafetensorsFile:
+        try:
+            return SafetensorsFile(self.path / relative)
+        except InputError as exc:
+            raise ZooError(exc.path, exc.problem) from None
+
+    def bases(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{module: (U, V)} as stored."""
+        f = self._file(self.manifest["basis_file"])
+        return {m: (f.read(f"{m}.U"), f.read(f"{m}.V")) for m in self.modules}
+
+    def cores(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{module: (E, F)} of one adapter as stored."""
+        entry = self.adapter(name)
+        f = self._file(entry["file"])
+        return {m: (f.read(f"{m}.E"), f.read(f"{m}.F")) for m in entry["modules"]}
+
+    def extras(self, name: str) -> dict[str, torch.Tensor]:
+        entry = self.adapter(name)
+        f = self._file(entry["file"])
+        return {key: f.read(key) for key in entry.get("extras", [])}
+
+    def report(self) -> dict:
+        from .report import build_report
+
+        return build_report(self.manifest)

@@ -1,0 +1,93 @@
+"""Small synthetic adapters on disk, and the dense float64 reference the tool is checked against."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+PREFIX = "base_model.model."
+
+
+def write_peft_adapter(
+    path: Path,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    alpha: float = 16.0,
+    rslora: bool = False,
+    dtype: torch.dtype = torch.float32,
+    extras: dict[str, torch.Tensor] | None = None,
+    config: dict | None = None,
+    base_model: str = "test/tiny-model",
+) -> Path:
+    """A PEFT adapter dir: factors maps a module name to (B [n, r], A [r, d])."""
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module, (B, A) in factors.items():
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = A.to(dtype).contiguous()
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = B.to(dtype).contiguous()
+    tensors.update(extras or {})
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    rank = next(iter(factors.values()))[0].shape[1]
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "use_rslora": rslora,
+        "target_modules": sorted({m.split(".")[-1] for m in factors}),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+    }
+    cfg.update(config or {})
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def random_factors(
+    modules: dict[str, tuple[int, int]], rank: int, seed: int, basis: dict | None = None, noise: float = 0.0
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Random (B, A) per module; with ``basis`` {module: (P [n,k0], Q [d,k0])} they live in that span."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for module, (n, d) in modules.items():
+        if basis is None:
+            B = torch.randn(n, rank, generator=gen, dtype=torch.float64) / math.sqrt(n)
+            A = torch.randn(rank, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
+        else:
+            P, Q = basis[module]
+            B = P @ torch.randn(P.shape[1], rank, generator=gen, dtype=torch.float64)
+            A = torch.randn(rank, Q.shape[1], generator=gen, dtype=torch.float64) @ Q.T
+            if noise:
+                B = B + noise * torch.randn(n, rank, generator=gen, dtype=torch.float64) / math.sqrt(n)
+        out[module] = (B, A)
+    return out
+
+
+def planted_basis(modules: dict[str, tuple[int, int]], k0: int, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        m: (
+            torch.linalg.qr(torch.randn(n, k0, generator=gen, dtype=torch.float64))[0],
+            torch.linalg.qr(torch.randn(d, k0, generator=gen, dtype=torch.float64))[0],
+        )
+        for m, (n, d) in modules.items()
+    }
+
+
+def scale_of(alpha: float, rank: int, rslora: bool = False) -> float:
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def dense_delta(B: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Tensor:
+    return scale * (B.to(torch.float64) @ A.to(torch.float64))
+
+
+def dense_reconstruction(U, E, F, V) -> torch.Tensor:
+    f = torch.float64
+    return U.to(f) @ E.to(f) @ F.to(f) @ V.to(f).T

@@ -1,0 +1,203 @@
+"""merge → zoo on disk → report: every figure equals a dense float64 reference."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sharecompress
+from sharecompress import Zoo
+
+from factories import (
+    PREFIX, dense_delta, dense_reconstruction, planted_basis, random_factors, scale_of, write_peft_adapter,
+)
+
+MODULES = {"layers.0.q_proj": (24, 20), "layers.0.v_proj": (24, 20), "layers.1.o_proj": (20, 24)}
+
+
+def make_zoo(tmp_path, specs, modules=MODULES, basis=None, noise=0.0, dtype=torch.float32):
+    """specs: list of (rank, alpha, rslora). Returns (source paths, {name: (factors, scale)})."""
+    paths, truth = [], {}
+    for i, (rank, alpha, rslora) in enumerate(specs):
+        factors = random_factors(modules, rank, seed=100 + i, basis=basis, noise=noise)
+        name = f"adapter{i}"
+        paths.append(str(write_peft_adapter(tmp_path / "src" / name, factors, alpha=alpha, rslora=rslora, dtype=dtype)))
+        rounded = {m: (b.to(dtype).double(), a.to(dtype).double()) for m, (b, a) in factors.items()}
+        truth[name] = (rounded, scale_of(alpha, rank, rslora))
+    return paths, truth
+
+
+def dense_errors(zoo: Zoo, truth):
+    """{adapter: {module: (err², norm²)}} computed densely from the stored tensors."""
+    bases = zoo.bases()
+    out = {}
+    for name, (factors, scale) in truth.items():
+        cores = zoo.cores(name)
+        out[name] = {}
+        for module, (b, a) in factors.items():
+            key = PREFIX + module
+            U, V = bases[key]
+            E, F = cores[key]
+            delta = dense_delta(b, a, scale)
+            diff = delta - dense_reconstruction(U, E, F, V)
+            out[name][key] = (float((diff**2).sum()), float((delta**2).sum()))
+    return out
+
+
+def assert_close(got, want, rel=1e-6, abs_=1e-9):
+    assert got == pytest.approx(want, rel=rel, abs=abs_)
+
+
+def test_every_reported_error_equals_the_dense_reference(tmp_path):
+    specs = [(4, 16, False), (2, 8, False), (6, 12, True), (4, 32, False), (3, 3, True)]
+    paths, truth = make_zoo(tmp_path, specs)
+    zoo = sharecompress.merge(paths, tmp_path / "zoo", k=5)
+    report = zoo.report()
+    dense = dense_errors(zoo, truth)
+    all_err = all_norm = 0.0
+    for entry in report["adapters"]:
+        per = dense[entry["name"]]
+        err, norm = sum(e for e, _ in per.values()), sum(n for _, n in per.values())
+        all_err, all_norm = all_err + err, all_norm + norm
+        assert_close(entry["relative_error"], math.sqrt(err / norm))
+        for module, (e, n) in per.items():
+            assert_close(entry["modules"][module], math.sqrt(e / n))
+        assert_close(entry["max_module_error"], max(math.sqrt(e / n) for e, n in per.values()))
+    assert_close(report["relative_error"], math.sqrt(all_err / all_norm))
+    assert 0.05 < report["relative_error"] < 1.0  # lossy at k=5: the check above means something
+
+
+def test_report_json_shape_and_bytes(tmp_path):
+    specs = [(4, 16, False), (8, 16, False), (4, 8, True)]
+    paths, _ = make_zoo(tmp_path, specs)
+    report = sharecompress.merge(paths, tmp_path / "zoo", k=6).report()
+    assert set(report) >= {"relative_error", "bytes_original", "bytes_compressed", "compression_ratio", "modules", "adapters"}
+    assert report["modules"][PREFIX + "layers.0.q_proj"] == {"shape": [24, 20], "k": 6, "energy_kept": pytest.approx(report["modules"][PREFIX + "layers.0.q_proj"]["energy_kept"])}
+    # original: Σ r (n + d) fp32 per module; compressed: k (n + d) + Σ 2 k p, all fp32
+    original = sum(r * 44 * 4 * 3 for r, _, _ in specs)
+    compressed = 3 * (6 * 44 * 4) + sum(3 * 2 * 6 * min(r, 6) * 4 for r, _, _ in specs)
+    assert report["bytes_original"] == original
+    assert report["bytes_compressed"] == compressed
+    assert report["compression_ratio"] == pytest.approx(original / compressed)
+    for entry in report["adapters"]:
+        assert set(entry) >= {"name", "rank", "relative_error", "max_module_error", "modules"}
+
+
+def test_planted_shared_subspace_is_recovered(tmp_path):
+    basis = planted_basis(MODULES, 4, seed=7)
+    paths, _ = make_zoo(tmp_path, [(3, 8, False)] * 6 + [(2, 4, True)] * 2, basis=basis, dtype=torch.float64)
+    for k in (4, 6):
+        report = sharecompress.merge(paths, tmp_path / f"zoo{k}", k=k).report()
+        assert report["relative_error"] < 1e-6
+    lossy = sharecompress.merge(paths, tmp_path / "zoo3", k=3).report()
+    assert lossy["relative_error"] > 0.05
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_share_is_never_worse_than_the_paper_recipe(tmp_path, seed):
+    torch.manual_seed(seed)
+    basis = planted_basis(MODULES, 6, seed=seed)
+    specs = [(4, 4 * (1 + i % 3), i % 2 == 0) for i in range(6)]
+    paths, _ = make_zoo(tmp_path, specs, basis=basis, noise=0.5)
+    for k in (3, 5, 8):
+        share = sharecompress.merge(paths, tmp_path / f"s{k}", k=k).report()["relative_error"]
+        paper = sharecompress.merge(paths, tmp_path / f"p{k}", k=k, method="paper").report()["relative_error"]
+        assert share <= paper + 1e-9
+
+
+def test_k_is_capped_and_then_lossless(tmp_path):
+    paths, _ = make_zoo(tmp_path, [(2, 4, False), (3, 6, False)])
+    zoo = sharecompress.merge(paths, tmp_path / "zoo", k=1000)
+    report = zoo.report()
+    assert all(m["k"] == 5 for m in report["modules"].values())  # Σr = 5 < n, d
+    assert report["relative_error"] < 1e-6
+
+
+def test_energy_target_picks_k_per_module(tmp_path):
+    basis = planted_basis(MODULES, 3, seed=2)
+    paths, _ = make_zoo(tmp_path, [(3, 8, False)] * 5, basis=basis, noise=0.01)
+    report = sharecompress.merge(paths, tmp_path / "zoo", energy=0.99).report()
+    assert all(m["k"] == 3 for m in report["modules"].values())
+    assert report["energy_kept"] >= 0.99 - 1e-9
+    default = sharecompress.merge(paths, tmp_path / "zoo_default").report()
+    assert default["modules"] == report["modules"]  # the default is energy 0.99
+
+
+@pytest.mark.parametrize("dtype,store", [(torch.float16, "float16"), (torch.bfloat16, "bfloat16")])
+def test_half_precision_inputs(tmp_path, dtype, store):
+    paths, truth = make_zoo(tmp_path, [(4, 16, False), (4, 8, True), (2, 4, False)], dtype=dtype)
+    zoo = sharecompress.merge(paths, tmp_path / "zoo", k=4)
+    assert zoo.manifest["dtype"] == store
+    basis_file = load_file(str(tmp_path / "zoo" / "basis.safetensors"))
+    assert all(t.dtype == dtype for t in basis_file.values())
+    dense = dense_errors(zoo, truth)
+    for entry in zoo.report()["adapters"]:
+        for module, (e, n) in dense[entry["name"]].items():
+            assert_close(entry["modules"][module], math.sqrt(e / n))
+    as_fp32 = sharecompress.merge(paths, tmp_path / "zoo32", k=4, dtype="float32")
+    assert as_fp32.manifest["dtype"] == "float32"
+
+
+def test_extras_are_kept_byte_identical(tmp_path):
+    head = torch.randn(3, 24, dtype=torch.float32)
+    bias = torch.randn(3, dtype=torch.bfloat16)
+    factors = random_factors(MODULES, 4, seed=1)
+    src = write_peft_adapter(
+        tmp_path / "with_head", factors,
+        extras={"base_model.model.score.weight": head, "base_model.model.score.bias": bias},
+        config={"modules_to_save": ["score"]},
+    )
+    other = write_peft_adapter(tmp_path / "plain", random_factors(MODULES, 4, seed=2))
+    zoo = sharecompress.merge([str(src), str(other)], tmp_path / "zoo", k=3)
+    kept = zoo.extras("with_head")
+    assert kept["base_model.model.score.weight"].numpy().tobytes() == head.numpy().tobytes()
+    assert kept["base_model.model.score.bias"].view(torch.int16).numpy().tobytes() == bias.view(torch.int16).numpy().tobytes()
+    assert zoo.extras("plain") == {}
+    assert zoo.report()["bytes_extras"] == head.numel() * 4 + bias.numel() * 2
+
+
+def test_rank_and_alpha_patterns_set_the_scale(tmp_path):
+    factors = random_factors({"layers.0.q_proj": (24, 20)}, 4, seed=3)
+    factors.update(random_factors({"layers.0.v_proj": (24, 20)}, 2, seed=4))
+    src = write_peft_adapter(
+        tmp_path / "pat", factors, alpha=8,
+        config={"r": 4, "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"layers.0.v_proj": 6}},
+    )
+    zoo = sharecompress.merge([str(src)], tmp_path / "zoo", k=8)
+    mods = zoo.adapter("pat")["modules"]
+    assert mods[PREFIX + "layers.0.q_proj"]["scale"] == pytest.approx(8 / 4)
+    assert mods[PREFIX + "layers.0.v_proj"]["scale"] == pytest.approx(6 / 2)
+    b, a = factors["layers.0.v_proj"]
+    assert mods[PREFIX + "layers.0.v_proj"]["norm2"] == pytest.approx(float((dense_delta(b.float().double(), a.float().double(), 3.0) ** 2).sum()), rel=1e-9)
+
+
+def test_all_zero_adapter_is_valid(tmp_path):
+    zero = {m: (torch.zeros(n, 4), torch.randn(4, d)) for m, (n, d) in MODULES.items()}
+    paths, _ = make_zoo(tmp_path, [(4, 16, False), (4, 16, False)])
+    paths.append(str(write_peft_adapter(tmp_path / "src" / "untrained", zero)))
+    report = sharecompress.merge(paths, tmp_path / "zoo", k=4).report()
+    untrained = next(a for a in report["adapters"] if a["name"] == "untrained")
+    assert untrained["relative_error"] == 0.0 and untrained["max_module_error"] == 0.0
+    json.dumps(report, allow_nan=False)
+
+
+def test_adapters_may_cover_different_modules(tmp_path):
+    one = write_peft_adapter(tmp_path / "one", random_factors({"layers.0.q_proj": (24, 20)}, 4, seed=1))
+    two = write_peft_adapter(tmp_path / "two", random_factors(MODULES, 4, seed=2))
+    zoo = sharecompress.merge([str(one), str(two)], tmp_path / "zoo", k=8)
+    assert set(zoo.adapter("one")["modules"]) == {PREFIX + "layers.0.q_proj"}
+    assert zoo.modules[PREFIX + "layers.0.v_proj"]["adapters"] == 1
+    assert zoo.report()["relative_error"] < 1e-6
+
+
+def test_bare_safetensors_with_rank_and_alpha(tmp_path):
+    factors = random_factors(MODULES, 4, seed=5)
+    src = write_peft_adapter(tmp_path / "dir", factors, alpha=12)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (src / "adapter_model.safetensors").rename(bare / "solo.safetensors")
+    zoo = sharecompress.merge([str(bare / "solo.safetensors")], tmp_path / "zoo", k=2, alpha=12.0)
+    entry = zoo.adapter("solo")
+    assert entry["modules"][PREFIX + "layers.0.q_proj"]["scale"] == pytest.approx(3.0)
