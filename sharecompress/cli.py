@@ -27,7 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Compress a zoo of LoRA adapters into one shared basis per module plus tiny per-adapter cores.",
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 ZooOption = typer.Option(DEFAULT_ZOO, "--zoo", help="Zoo directory.")
@@ -77,7 +77,7 @@ def version_callback(value: bool) -> None:
 def main(
     version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Print the version."),
 ) -> None:
-    """sharecompress: merge, report."""
+    """sharecompress: merge, add, report, export, remove, list, verify."""
 
 
 @app.command()
@@ -112,17 +112,42 @@ def merge(
 
 
 @app.command()
+def add(
+    sources: List[str] = typer.Argument(..., help="New adapters: PEFT dirs, .safetensors files, or directories of them."),
+    zoo: Path = ZooOption,
+    grow: str = typer.Option("auto", "--grow", help="auto: an energy-target zoo may grow k; off: keep every k."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank for bare .safetensors files without a config."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha for bare .safetensors files without a config."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
+) -> None:
+    """Fold new adapters into a zoo without the original adapters."""
+    from .zoo import Zoo
+
+    with user_errors(), module_progress(not quiet, "adding") as progress:
+        opened = Zoo.open(zoo)
+        drift = opened.add(sources, grow=grow, rank=rank, alpha=alpha, progress=progress)
+    if not quiet:
+        worst = max(drift.items(), key=lambda kv: kv[1], default=None)
+        err.print(
+            f"zoo [bold]{zoo}[/] now holds {len(opened.adapters)} adapters"
+            + (f"; largest drift of an old adapter {worst[1]:.3g} ({worst[0]})" if worst else ""),
+            highlight=False,
+        )
+
+
+@app.command()
 def report(
     zoo: Path = ZooOption,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     max_error: Optional[float] = typer.Option(None, "--max-error", help="Exit 1 when any adapter's relative error is above this."),
+    against: Optional[List[str]] = typer.Option(None, "--against", help="Original adapters: recompute their errors exactly."),
 ) -> None:
     """Exact reconstruction error and bytes, per adapter and for the zoo."""
-    from .zoo import Zoo
     from .report import render
+    from .zoo import Zoo
 
     with user_errors():
-        data = Zoo.open(zoo).report()
+        data = Zoo.open(zoo).report(against=against)
     if as_json:
         sys.stdout.write(json.dumps(data, indent=1) + "\n")
     else:
@@ -132,6 +157,86 @@ def report(
         if over:
             err.print(f"{len(over)} adapter(s) above --max-error {max_error:g}: {', '.join(over)}", highlight=False)
             raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    names: List[str] = typer.Argument(None, help="Adapter names to export (or --all)."),
+    zoo: Path = ZooOption,
+    out: Path = typer.Option(..., "--out", help="Output directory (with --all or several names: one subdirectory each)."),
+    all_: bool = typer.Option(False, "--all", help="Export every adapter."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    force: bool = typer.Option(False, "--force", help="Replace existing output directories."),
+) -> None:
+    """Rebuild standard PEFT adapter directories from the zoo."""
+    from .zoo import Zoo
+
+    with user_errors():
+        opened = Zoo.open(zoo)
+        chosen = opened.names if all_ else list(names or [])
+        if not chosen:
+            raise ValueError("name an adapter to export, or pass --all")
+        for name in chosen:
+            opened.adapter(name)  # every name checked before anything is written
+        for name in chosen:
+            target = out / name if (all_ or len(chosen) > 1) else out
+            opened.export(name, target, dtype=dtype, force=force)
+            err.print(f"exported {name} → {target}", highlight=False)
+
+
+@app.command()
+def remove(
+    names: List[str] = typer.Argument(..., help="Adapter names to remove."),
+    zoo: Path = ZooOption,
+) -> None:
+    """Remove adapters from the zoo."""
+    from .zoo import Zoo
+
+    with user_errors():
+        Zoo.open(zoo).remove(*names)
+    err.print(f"removed {', '.join(names)}", highlight=False)
+
+
+@app.command("list")
+def list_(zoo: Path = ZooOption, as_json: bool = typer.Option(False, "--json", help="JSON on stdout.")) -> None:
+    """The adapters in a zoo."""
+    from rich.table import Table
+
+    from .zoo import Zoo
+
+    with user_errors():
+        opened = Zoo.open(zoo)
+    rows = [
+        {"name": e["name"], "rank": e["rank"], "p": e.get("p"), "error_bound": e.get("error_bound"),
+         "added": e.get("added"), "source": e.get("source")}
+        for e in opened.adapters
+    ]
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+        return
+    table = Table(title=f"{zoo}: {len(rows)} adapters", title_justify="left")
+    for col in ("name", "rank", "p", "error bound", "added", "source"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], str(r["rank"]), str(r["p"]), f"{r['error_bound']:.4g}", str(r["added"]), str(r["source"]))
+    out.print(table)
+
+
+@app.command()
+def verify(zoo: Path = ZooOption) -> None:
+    """Check checksums, shapes and the manifest against the files; exit 1 naming any problem."""
+    from .verify import verify as run_verify
+
+    if not zoo.exists():
+        raise fail(f"{zoo}: no such zoo directory")
+    problems, notes = run_verify(zoo)
+    for note in notes:
+        err.print(f"note: {note}", highlight=False)
+    for problem in problems:
+        err.print(f"[red]problem:[/] {problem}", highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    err.print(f"{zoo}: ok", highlight=False)
 
 
 def run() -> None:  # console-script entry point

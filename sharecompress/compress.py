@@ -17,6 +17,7 @@ class KRule:
 
     k: int | None = None
     energy: float | None = None
+    k_min: int = 1  # an add never shrinks a module's k
 
     def describe(self) -> str:
         return f"k={self.k}" if self.k is not None else f"energy={self.energy}"
@@ -62,7 +63,7 @@ def choose_k(rule: KRule, energies_u: torch.Tensor, energies_v: torch.Tensor, ca
     if rule.k is not None:
         return max(1, min(rule.k, cap))
     k = max(linalg.smallest_k_for_energy(energies_u, rule.energy), linalg.smallest_k_for_energy(energies_v, rule.energy))
-    return max(1, min(k, cap))
+    return max(1, min(max(k, rule.k_min), cap))
 
 
 def module_bases(

@@ -123,18 +123,27 @@ def refine(
 def core_factors(
     U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, p: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """E (k × p), F (p × k) with E·F the best rank-p core for one adapter on these bases.
+    """E (k × p), F (p × k) with E·F the best rank-p core for one adapter on these bases."""
+    return core_from_projections(U.T @ B, A @ V, scale, p)
 
-    The exact core is C = s (Uᵀ B)(A V) of rank ≤ r; when p < r it is cut by its SVD.
+
+def core_from_projections(P: torch.Tensor, Q: torch.Tensor, scale: float, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of the core C = s·P·Q (P = UᵀB, k × r; Q = A·V, r × k), cut to rank p by its SVD.
+
+    With p ≥ r the core is kept exactly, split evenly as (√s P, √s Q).
     """
-    P, Q = U.T @ B, A @ V
-    r = B.shape[1]
+    r = P.shape[1]
     if p >= r:
         root = abs(scale) ** 0.5
         return (root if scale >= 0 else -root) * P, root * Q
     u, sv, vh = torch.linalg.svd(scale * (P @ Q))
     root = sv[:p].sqrt()
     return u[:, :p] * root, root[:, None] * vh[:p]
+
+
+def gram_error2(XtX: torch.Tensor, YYt: torch.Tensor) -> float:
+    """‖X Y‖²_F = trace((XᵀX)(YYᵀ)) for symmetric Gram blocks already formed."""
+    return max(float(torch.sum(XtX * YYt)), 0.0)
 
 
 def squared_error(

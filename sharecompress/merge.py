@@ -177,6 +177,9 @@ def _build(adapters, shapes, rule, method, sweeps, p, store, staging: Path, prog
                 "p": core.E.shape[1],
                 "err2": core.err2,
                 "norm2": core.norm2,
+                "drift": 0.0,
+                "a_key": spec.a_key,
+                "b_key": spec.b_key,
                 "a_shape": list(spec.a_shape),
                 "b_shape": list(spec.b_shape),
             }
@@ -192,13 +195,8 @@ def _build(adapters, shapes, rule, method, sweeps, p, store, staging: Path, prog
         while stem.lower() in used:
             stem += "_"
         used.add(stem.lower())
-        rel = f"adapters/{stem}.safetensors"
-        tensors = dict(cores[adapter.name])
-        tensors.update(adapter.extra_tensors())
-        save_tensors_durably(staging / rel, tensors, {"format": "pt", "sharecompress": "coefficients"})
         entry = entries[adapter.name]
-        entry["file"] = rel
-        entry["file_sha256"] = file_sha256(staging / rel)
+        entry.update(write_adapter_files(staging, f"adapters/{stem}", cores[adapter.name], adapter.extra_tensors()))
         finish_adapter_entry(entry)
     fsync_dir(staging / "adapters")
     return {
@@ -215,6 +213,23 @@ def _build(adapters, shapes, rule, method, sweeps, p, store, staging: Path, prog
     }
 
 
+def write_adapter_files(root: Path, stem: str, cores: dict, extras: dict, generation: int = 1) -> dict:
+    """An adapter's cores file and, when it has non-LoRA tensors, its extras file.
+
+    Extras (classifier heads, biases) live in a file of their own: they never change, so an
+    ``add`` that re-projects every core rewrites only the small cores files.
+    """
+    tag = "" if generation == 1 else f".g{generation}"
+    entry = {"file": f"{stem}{tag}.safetensors"}
+    save_tensors_durably(root / entry["file"], cores, {"format": "pt", "sharecompress": "coefficients"})
+    entry["file_sha256"] = file_sha256(root / entry["file"])
+    if extras:
+        entry["extras_file"] = f"{stem}.extras{tag}.safetensors"
+        save_tensors_durably(root / entry["extras_file"], extras, {"format": "pt", "sharecompress": "extras"})
+        entry["extras_sha256"] = file_sha256(root / entry["extras_file"])
+    return entry
+
+
 def _adapter_entry(adapter: Adapter) -> dict:
     return {
         "name": adapter.name,
@@ -227,22 +242,31 @@ def _adapter_entry(adapter: Adapter) -> dict:
         "extras": list(adapter.extras),
         "bytes_extras": sum(adapter.file.tensors[k].nbytes for k in adapter.extras),
         "added": now(),
-        "drift": 0.0,
         "modules": {},
     }
 
 
 def finish_adapter_entry(entry: dict) -> None:
-    """Fill an adapter's summary figures from its per-module errors."""
+    """Fill an adapter's summary figures from its per-module errors and drifts.
+
+    ``err2`` is exact when measured (at merge, or for the adapter an add brought in); each
+    later add moves the stored reconstruction by an exactly known ``drift`` (absolute norm,
+    summed over adds). By the triangle inequality the error is at most sqrt(err2) + drift.
+    """
     mods = entry["modules"].values()
-    err2 = sum(m["err2"] for m in mods)
     norm2 = sum(m["norm2"] for m in mods)
     entry["p"] = max((m["p"] for m in mods), default=0)
-    entry["err2"] = err2
     entry["norm2"] = norm2
-    entry["relative_error"] = relative(err2, norm2)
-    entry.setdefault("merge_error", entry["relative_error"])
-    entry["error_bound"] = entry["merge_error"] + entry.get("drift", 0.0)
+    entry["merge_error"] = relative(sum(m["err2"] for m in mods), norm2)
+    entry["drift"] = relative(sum(m.get("drift", 0.0) ** 2 for m in mods), norm2)
+    entry["relative_error"] = relative(sum(module_bound2(m) for m in mods), norm2)
+    entry["error_bound"] = entry["relative_error"]
+    entry["exact"] = all(m.get("drift", 0.0) == 0.0 for m in mods)
+
+
+def module_bound2(module: dict) -> float:
+    """Squared upper bound on a module's error: (sqrt(err²) + accumulated drift)²."""
+    return (module["err2"] ** 0.5 + module.get("drift", 0.0)) ** 2
 
 
 def relative(err2: float, norm2: float) -> float:

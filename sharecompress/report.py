@@ -7,18 +7,21 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
-from .merge import relative
+from .merge import module_bound2, relative
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def build_report(manifest: dict) -> dict:
+def build_report(manifest: dict, measured: dict | None = None) -> dict:
     """The report object. Errors are sqrt(Σ err² / Σ ‖ΔW‖²) over the pairs named.
 
     Byte counts are of the LoRA factors only: ``bytes_original`` the sources' lora_A/lora_B,
     ``bytes_compressed`` the shared bases plus every adapter's cores. Non-LoRA extras (heads)
-    are stored verbatim and counted apart in ``bytes_extras``.
+    are stored verbatim and counted apart in ``bytes_extras``. After an ``add`` an old adapter's
+    error is the bound sqrt(err²) + drift (``exact`` false) unless ``measured`` — exact
+    {adapter: {module: (err², norm²)}} from ``report --against`` — gives the exact figure.
     """
+    measured = measured or {}
     item = ITEMSIZE[manifest.get("dtype", "float32")]
     modules = manifest["modules"]
     basis_bytes = sum(m["k"] * (m["shape"][0] + m["shape"][1]) * item for m in modules.values())
@@ -27,12 +30,15 @@ def build_report(manifest: dict) -> dict:
     adapters = []
     for entry in manifest["adapters"]:
         per_module = {}
+        exact = measured.get(entry["name"])
+        pairs = {}
         for name, mod in entry["modules"].items():
             k = modules[name]["k"]
             coef_bytes += 2 * k * mod["p"] * item
-            per_module[name] = relative(mod["err2"], mod["norm2"])
-        err2 = sum(m["err2"] for m in entry["modules"].values())
-        norm2 = sum(m["norm2"] for m in entry["modules"].values())
+            pairs[name] = exact[name] if exact else (module_bound2(mod), mod["norm2"])
+            per_module[name] = relative(*pairs[name])
+        err2 = sum(e for e, _ in pairs.values())
+        norm2 = sum(n for _, n in pairs.values())
         total_err2 += err2
         total_norm2 += norm2
         adapters.append(
@@ -42,8 +48,9 @@ def build_report(manifest: dict) -> dict:
                 "p": entry.get("p"),
                 "relative_error": relative(err2, norm2),
                 "max_module_error": max(per_module.values(), default=0.0),
+                "exact": bool(exact) or entry.get("exact", True),
+                "merge_error": entry.get("merge_error", relative(err2, norm2)),
                 "drift": entry.get("drift", 0.0),
-                "error_bound": entry.get("error_bound", relative(err2, norm2)),
                 "bytes_original": entry["bytes_original"],
                 "modules": per_module,
             }

@@ -16,12 +16,12 @@ from safetensors.torch import save_file
 
 from .errors import ZooError
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 def safe_name(name: str) -> str:
-    """A file-name stem for an adapter name: no separators, no dot-files, not empty."""
-    stem = _UNSAFE.sub("_", name).strip("._") or "adapter"
+    """A file-name stem for an adapter name: no separators, no dots (they mark generations), not empty."""
+    stem = _UNSAFE.sub("_", name).strip("_-") or "adapter"
     return stem[:120]
 
 

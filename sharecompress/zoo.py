@@ -98,10 +98,38 @@ class Zoo:
 
     def extras(self, name: str) -> dict[str, torch.Tensor]:
         entry = self.adapter(name)
-        f = self._file(entry["file"])
+        if not entry.get("extras_file"):
+            return {}
+        f = self._file(entry["extras_file"])
         return {key: f.read(key) for key in entry.get("extras", [])}
 
-    def report(self) -> dict:
+    def report(self, against: list[str] | None = None) -> dict:
+        """The report dict; with ``against`` (original adapters) old adapters' errors are exact."""
+        from .against import measure_against
         from .report import build_report
 
-        return build_report(self.manifest)
+        return build_report(self.manifest, measure_against(self, against) if against else None)
+
+    def add(self, sources: list[str], grow: str = "auto", **kw) -> dict:
+        """Fold new adapters in; returns each old adapter's relative drift."""
+        from .add import add
+
+        drift = add(self.path, sources, grow=grow, **kw)
+        self.manifest = read_manifest(self.path)
+        return drift
+
+    def export(self, name: str, out: str | Path, dtype: str = "float32", force: bool = False) -> Path:
+        from .export import export
+
+        return export(self, name, out, dtype=dtype, force=force)
+
+    def remove(self, *names: str) -> None:
+        from .remove import remove
+
+        remove(self.path, names)
+        self.manifest = read_manifest(self.path)
+
+    def verify(self) -> tuple[list[str], list[str]]:
+        from .verify import verify
+
+        return verify(self.path)

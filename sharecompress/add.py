@@ -1,0 +1,242 @@
+"""``add``: fold new adapters into a zoo without the original adapters (DESIGN.md §5).
+
+Everything the zoo knows of a module is U, V and the cores E_t F_t. With Q_U = orth([U | B])
+and Q_V = orth([V | Aᵀ]), every stored reconstruction and the new update live inside
+span(Q_U) ⊗ span(Q_V), so re-merging them is the same problem on (k + r)-sized factors:
+its cost depends on k, r and the number of stored adapters, never on the originals.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from . import linalg
+from .adapter import Adapter
+from .compress import KRule, module_bases, pad_stack
+from .errors import InputError
+from .merge import (
+    STORE_DTYPES, _adapter_entry, _model_key, finish_adapter_entry, module_bound2, now, write_adapter_files,
+)
+from .readers import find_adapters
+from .storage import safe_name, save_tensors_durably, file_sha256
+from .transaction import Transaction, pause_point
+from .zoo import Zoo
+
+f64 = torch.float64
+
+
+def _orth(first: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis whose leading columns span ``first``, extended to cover ``extra``."""
+    both = torch.cat([first, extra], dim=1)
+    q = torch.linalg.qr(both)[0]
+    return q[:, : min(both.shape[0], both.shape[1])]
+
+
+def _pair_drift2(E, F, E2, F2, GU, GV) -> float:
+    """‖U E F Vᵀ − U' E' F' V'ᵀ‖² from the basis Grams GU = {uu, uu2, u2u2} and GV likewise."""
+    XtX = torch.cat([
+        torch.cat([E.T @ GU[0] @ E, -(E.T @ GU[1] @ E2)], dim=1),
+        torch.cat([-(E2.T @ GU[1].T @ E), E2.T @ GU[2] @ E2], dim=1),
+    ])
+    YYt = torch.cat([
+        torch.cat([F @ GV[0] @ F.T, F @ GV[1] @ F2.T], dim=1),
+        torch.cat([F2 @ GV[1].T @ F.T, F2 @ GV[2] @ F2.T], dim=1),
+    ])
+    return linalg.gram_error2(XtX, YYt)
+
+
+def check_new(manifest: dict, adapters: list[Adapter]) -> None:
+    """Refuse names or tensors already in the zoo, and shape or base-model mismatches."""
+    names = {a["name"]: a for a in manifest["adapters"]}
+    digests = {a["sha256"]: a["name"] for a in manifest["adapters"]}
+    base = manifest.get("base_model")
+    for adapter in adapters:
+        if adapter.name in names:
+            raise InputError(adapter.source, f"an adapter named {adapter.name!r} is already in the zoo")
+        if adapter.sha256 in digests:
+            raise InputError(adapter.source, f"its tensors are already in the zoo as {digests[adapter.sha256]!r}")
+        other = adapter.config.get("base_model_name_or_path")
+        if base and other and _model_key(other) != _model_key(base):
+            raise InputError(adapter.source, f"base model {other!r} differs from the zoo's {base!r}")
+        for name, spec in adapter.modules.items():
+            known = manifest["modules"].get(name)
+            if known and known["shape"] != [spec.n, spec.d]:
+                raise InputError(
+                    adapter.file.path,
+                    f"module {name!r} has shape {spec.n}x{spec.d} here but {known['shape'][0]}x{known['shape'][1]} in the zoo",
+                )
+
+
+def fold_module(
+    U: torch.Tensor, V: torch.Tensor, old: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    B: torch.Tensor, A: torch.Tensor, scale: float, rule: KRule, method: str, sweeps: int,
+    p: int | None, store: torch.dtype,
+):
+    """New (U', V'), the re-projected old cores with their exact drift², the new core and its exact error."""
+    n, d = B.shape[0], A.shape[1]
+    U64, V64 = U.to(f64), V.to(f64)
+    QU, QV = _orth(U64, B), _orth(V64, A.T)
+    names = list(old)
+    small = [((QU.T @ U64) @ old[t][0].to(f64), old[t][1].to(f64) @ (V64.T @ QV)) for t in names]
+    small.append((QU.T @ B, A @ QV))
+    scales = [1.0] * len(names) + [scale]
+    Bs, As = pad_stack(small)
+    total_rank = sum(b.shape[1] for b, _ in small)
+    Us, Vs, curve, done = module_bases(Bs, As, torch.tensor(scales, dtype=f64), rule, method, sweeps, total_rank)
+    # module_bases caps k by the small problem's size; the full problem's cap is min(n, d, Σ ranks).
+    U2 = (QU @ Us).to(store).contiguous()
+    V2 = (QV @ Vs).to(store).contiguous()
+    U2_64, V2_64 = U2.to(f64), V2.to(f64)
+    GU = (U64.T @ U64, U64.T @ U2_64, U2_64.T @ U2_64)
+    GV = (V64.T @ V64, V64.T @ V2_64, V2_64.T @ V2_64)
+    cores, drifts = {}, {}
+    for t in names:
+        E, F = old[t][0].to(f64), old[t][1].to(f64)
+        keep = E.shape[1] if p is None else min(E.shape[1], p)
+        E2, F2 = linalg.core_from_projections(GU[1].T @ E, F @ GV[1], 1.0, min(keep, U2.shape[1]))
+        E2, F2 = E2.to(store).contiguous(), F2.to(store).contiguous()
+        cores[t] = (E2, F2)
+        drifts[t] = _pair_drift2(E, F, E2.to(f64), F2.to(f64), GU, GV)
+    keep = min(B.shape[1], U2.shape[1], p if p is not None else B.shape[1])
+    E_new, F_new = linalg.core_factors(U2_64, V2_64, B, A, scale, keep)
+    E_new, F_new = E_new.to(store).contiguous(), F_new.to(store).contiguous()
+    err2, norm2 = linalg.squared_error(B, A, scale, U2_64, E_new, F_new, V2_64)
+    return U2, V2, cores, drifts, (E_new, F_new, err2, norm2), curve, done
+
+
+def add(
+    zoo_path: str | Path,
+    sources: Iterable[str],
+    *,
+    grow: str = "auto",
+    rank: int | None = None,
+    alpha: float | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict:
+    """Fold ``sources`` into the zoo, one adapter at a time; returns {old adapter: relative drift}."""
+    if grow not in ("auto", "off"):
+        raise ValueError("grow must be auto or off")
+    zoo_path = Path(zoo_path)
+    Zoo.open(zoo_path)  # not a zoo → clear error before reading any source
+    adapters = find_adapters(list(sources), rank=rank, alpha=alpha)
+    with Transaction(zoo_path) as tx:
+        manifest = copy.deepcopy(tx.manifest)
+        check_new(manifest, adapters)
+        zoo = Zoo(zoo_path)
+        store = STORE_DTYPES[manifest["dtype"]]
+        bases = zoo.bases()
+        cores = {e["name"]: zoo.cores(e["name"]) for e in manifest["adapters"]}
+        entries = {e["name"]: e for e in manifest["adapters"]}
+        step_drift: dict[str, float] = {}
+        steps = sum(len(a.modules) for a in adapters)
+        done_steps = 0
+        for adapter in adapters:
+            entry = _adapter_entry(adapter)
+            new_cores: dict[str, tuple] = {}
+            for module, spec in adapter.modules.items():
+                b, a = adapter.factors(module)
+                info = manifest["modules"].get(module)
+                n, d = spec.n, spec.d
+                if info is None:
+                    U, V = torch.zeros(n, 0, dtype=store), torch.zeros(d, 0, dtype=store)
+                    k_old = 0
+                else:
+                    U, V = bases[module]
+                    k_old = info["k"]
+                rule = _rule_for(manifest, k_old, grow)
+                holders = {t: cores[t][module] for t in cores if module in cores[t]}
+                U2, V2, moved, drifts, new, curve, sweeps_done = fold_module(
+                    U, V, holders, b, a, spec.scale, rule, manifest.get("method", "share"),
+                    manifest.get("sweeps", 3), manifest.get("p"), store,
+                )
+                bases[module] = (U2, V2)
+                for t, pair in moved.items():
+                    cores[t][module] = pair
+                    mod = entries[t]["modules"][module]
+                    mod["drift"] = mod.get("drift", 0.0) + drifts[t] ** 0.5
+                    mod["p"] = pair[0].shape[1]
+                    step_drift[t] = step_drift.get(t, 0.0) + drifts[t]
+                E, F, err2, norm2 = new
+                new_cores[module] = (E, F)
+                entry["modules"][module] = {
+                    "rank": spec.rank, "scale": spec.scale, "p": E.shape[1], "err2": err2, "norm2": norm2,
+                    "drift": 0.0, "a_key": spec.a_key, "b_key": spec.b_key,
+                    "a_shape": list(spec.a_shape), "b_shape": list(spec.b_shape),
+                }
+                manifest["modules"][module] = _module_info(info, n, d, U2.shape[1], curve, sweeps_done)
+                done_steps += 1
+                if progress:
+                    progress(done_steps, steps, f"{adapter.name}: {module}")
+            cores[adapter.name] = new_cores
+            entry["file"] = None
+            entries[adapter.name] = entry
+            manifest["adapters"].append(entry)
+
+        _write_generation(tx, manifest, bases, cores, {a.name: a for a in adapters})
+        for module, info in manifest["modules"].items():
+            holders = [e["modules"][module] for e in manifest["adapters"] if module in e["modules"]]
+            total = sum(m["norm2"] for m in holders)
+            info["energy_kept"] = 1.0 - sum(module_bound2(m) for m in holders) / total if total > 0 else 1.0
+            info["adapters"] = len(holders)
+        manifest["updated"] = now()
+        tx.commit(manifest)
+    norms = {e["name"]: e["norm2"] for e in manifest["adapters"]}
+    return {t: (v / norms[t]) ** 0.5 if norms[t] > 0 else 0.0 for t, v in step_drift.items()}
+
+
+def _rule_for(manifest: dict, k_old: int, grow: str) -> KRule:
+    rule = manifest.get("k_rule") or {}
+    if rule.get("k") is not None:
+        return KRule(k=rule["k"])
+    if grow == "off" and k_old > 0:
+        return KRule(k=k_old)
+    return KRule(energy=rule.get("energy") or 0.99, k_min=max(k_old, 1))
+
+
+def _module_info(info: dict | None, n: int, d: int, k: int, curve: torch.Tensor, sweeps: int) -> dict:
+    info = dict(info or {"shape": [n, d]})
+    total = float(curve.sum())
+    keep = min(curve.numel(), max(2 * k, 64))
+    info.update(
+        k=k,
+        energy_total=total,
+        energy_curve=[round(x, 7) for x in (torch.cumsum(curve[:keep], 0) / total).tolist()] if total > 0 else [],
+        sweeps=sweeps,
+    )
+    return info
+
+
+def _write_generation(tx: Transaction, manifest: dict, bases, cores, fresh: dict[str, Adapter]) -> None:
+    """Every file of the new generation under fresh names, before the manifest names them."""
+    gen = tx.generation
+    basis_rel = f"basis.g{gen}.safetensors"
+    flat = {}
+    for module, (U, V) in bases.items():
+        flat[f"{module}.U"], flat[f"{module}.V"] = U, V
+    save_tensors_durably(tx.zoo / basis_rel, flat, {"format": "pt", "sharecompress": "basis"})
+    manifest["basis_file"] = basis_rel
+    manifest["basis_sha256"] = file_sha256(tx.zoo / basis_rel)
+    pause_point("after-basis")
+    (tx.zoo / "adapters").mkdir(exist_ok=True)
+    used = {Path(e["file"]).name.split(".")[0].lower() for e in manifest["adapters"] if e.get("file")}
+    for entry in manifest["adapters"]:
+        tensors = {}
+        for module, (E, F) in cores[entry["name"]].items():
+            tensors[f"{module}.E"], tensors[f"{module}.F"] = E, F
+        if entry["name"] in fresh:
+            stem = safe_name(entry["name"])
+            while stem.lower() in used:
+                stem += "_"
+            used.add(stem.lower())
+            entry.update(write_adapter_files(tx.zoo, f"adapters/{stem}", tensors, fresh[entry["name"]].extra_tensors(), gen))
+        else:
+            stem = entry["file"].rsplit("/", 1)[1].split(".")[0]
+            rel = f"adapters/{stem}.g{gen}.safetensors"
+            save_tensors_durably(tx.zoo / rel, tensors, {"format": "pt", "sharecompress": "coefficients"})
+            entry["file"], entry["file_sha256"] = rel, file_sha256(tx.zoo / rel)
+        finish_adapter_entry(entry)
+        pause_point("between-adapters")
