@@ -61,14 +61,20 @@ class Adapter:
         t = self.file.tensors
         return sum(t[m.a_key].nbytes + t[m.b_key].nbytes for m in self.modules.values())
 
-    def factors(self, module: str, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) of one module as ``dtype`` matrices; refuses NaN/Inf."""
+    def factors(self, module: str, dtype: torch.dtype | None = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) of one module as ``dtype`` matrices; refuses NaN/Inf.
+
+        ``dtype=None``: float32, or float64 for float64 sources (so nothing is rounded).
+        """
         spec = self.modules[module]
         b = self.file.read(spec.b_key)
         a = self.file.read(spec.a_key)
         for key, t in ((spec.b_key, b), (spec.a_key, a)):
-            if not bool(torch.isfinite(t).all()):
+            # a sum is NaN/Inf when any element is (one cheap pass); confirm before refusing
+            if not bool(torch.isfinite(t.sum(dtype=torch.float64))) and not bool(torch.isfinite(t).all()):
                 raise InputError(self.file.path, f"tensor {key!r} contains NaN or Inf")
+        if dtype is None:
+            dtype = torch.float64 if spec.dtype == "F64" else torch.float32
         return b.reshape(spec.n, spec.rank).to(dtype), a.reshape(spec.rank, spec.d).to(dtype)
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:

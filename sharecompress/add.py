@@ -181,6 +181,7 @@ def add(
             holders = [e["modules"][module] for e in manifest["adapters"] if module in e["modules"]]
             total = sum(m["norm2"] for m in holders)
             info["energy_kept"] = 1.0 - sum(module_bound2(m) for m in holders) / total if total > 0 else 1.0
+            info["energy_total"] = total
             info["adapters"] = len(holders)
         manifest["updated"] = now()
         tx.commit(manifest)
@@ -199,14 +200,8 @@ def _rule_for(manifest: dict, k_old: int, grow: str) -> KRule:
 
 def _module_info(info: dict | None, n: int, d: int, k: int, curve: torch.Tensor, sweeps: int) -> dict:
     info = dict(info or {"shape": [n, d]})
-    total = float(curve.sum())
     keep = min(curve.numel(), max(2 * k, 64))
-    info.update(
-        k=k,
-        energy_total=total,
-        energy_curve=[round(x, 7) for x in (torch.cumsum(curve[:keep], 0) / total).tolist()] if total > 0 else [],
-        sweeps=sweeps,
-    )
+    info.update(k=k, energy_curve=[round(x, 7) for x in torch.cumsum(curve[:keep], 0).tolist()], sweeps=sweeps)
     return info
 
 

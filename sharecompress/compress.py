@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,7 @@ class ModuleResult:
     U: torch.Tensor  # (n, k), storage dtype
     V: torch.Tensor  # (d, k), storage dtype
     cores: list[AdapterCore]
-    energies: torch.Tensor  # σ² of the left stack, descending (the energy curve)
+    energies: torch.Tensor  # leading σ² of the left stack over its total, descending (the energy curve)
     sweeps_done: int
 
     @property
@@ -50,7 +51,9 @@ def pad_stack(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
     """Stack (B_t, A_t) of mixed ranks by zero-padding to the largest rank; ΔW is unchanged."""
     r = max(b.shape[1] for b, _ in factors)
     n, d = factors[0][0].shape[0], factors[0][1].shape[1]
-    dtype = factors[0][0].dtype
+    dtype = functools.reduce(torch.promote_types, [t.dtype for pair in factors for t in pair])
+    if all(b.shape[1] == r for b, _ in factors):
+        return torch.stack([b for b, _ in factors]).to(dtype), torch.stack([a for _, a in factors]).to(dtype)
     B = torch.zeros(len(factors), n, r, dtype=dtype)
     A = torch.zeros(len(factors), r, d, dtype=dtype)
     for t, (b, a) in enumerate(factors):
@@ -59,52 +62,128 @@ def pad_stack(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
     return B, A
 
 
-def choose_k(rule: KRule, energies_u: torch.Tensor, energies_v: torch.Tensor, cap: int) -> int:
-    if rule.k is not None:
-        return max(1, min(rule.k, cap))
-    k = max(linalg.smallest_k_for_energy(energies_u, rule.energy), linalg.smallest_k_for_energy(energies_v, rule.energy))
-    return max(1, min(max(k, rule.k_min), cap))
+SKETCH_EXTRA = 32  # working-subspace width beyond k when a module is sketched
+POWER_ITERS = 3
+
+
+def _k_for_energy(left: linalg.Subspace, right: linalg.Subspace, target: float, totals: tuple[float, float]) -> int | None:
+    ku = linalg.smallest_k_for_energy(left.energies, target, totals[0])
+    kv = linalg.smallest_k_for_energy(right.energies, target, totals[1])
+    return None if ku is None or kv is None else max(ku, kv)
+
+
+def _solve(B, A, s, rule, method, sweeps, cap, totals=None):
+    """Bases on factors small enough for exact eigen-solves (or already sketched)."""
+    Xu, Xv = linalg.left_blocks(B, A, s), linalg.right_blocks(B, A, s)
+    width = min(cap, rule.k if rule.k is not None else max(32, rule.k_min))
+    while True:
+        left, right = linalg.top_subspace(Xu, width), linalg.top_subspace(Xv, width)
+        totals = totals or (left.total, right.total)
+        if rule.k is not None:
+            k = max(1, width)
+            break
+        found = _k_for_energy(left, right, rule.energy, totals)
+        if found is not None or width >= cap:
+            k = max(1, min(max(found or cap, rule.k_min), cap))
+            break
+        width = min(cap, 2 * width)
+    curve = left.energies / totals[0] if totals[0] > 0 else left.energies
+    if method == "paper":
+        # The paper's literal recipe: stack the B's and the A's as they happen to be split.
+        return linalg.top_subspace(B, k).basis, linalg.top_subspace(A.transpose(-1, -2), k).basis, curve, 0
+    U, V, done = left.basis[:, :k], right.basis[:, :k], 0
+    if sweeps > 0:
+        U, V, done = linalg.refine(U, V, B, A, s, sweeps)
+    return U, V, curve, done
 
 
 def module_bases(
     B: torch.Tensor, A: torch.Tensor, s: torch.Tensor, rule: KRule, method: str, sweeps: int, total_rank: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(U, V, left energy curve, sweeps done) for one module, float64.
+    """(U, V, left energy curve as shares of the total, sweeps done) for one module; bases float64.
 
     k is chosen on the spectra of the updates themselves, whatever the method, so that
-    ``--method paper`` and ``share`` compare at equal k.
+    ``--method paper`` and ``share`` compare at equal k. Large modules are first sketched:
+    a randomized range finder (a few float32 passes over the stacks) gives working subspaces
+    W_U, W_V of width k + 32 holding the leading directions, and the whole problem, refinement
+    included, is solved exactly on the factors projected there (W_Uᵀ B_t, A_t W_V). An energy
+    target that the sketch cannot reach doubles its width. The errors reported later are exact
+    whatever found the bases.
     """
     n, d = B.shape[1], A.shape[2]
     cap = min(n, d, total_rank)  # the stacks' largest possible rank: k beyond it is lossless
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
-    left = linalg.top_subspace(linalg.left_blocks(B, A, s), cap)
-    right = linalg.top_subspace(linalg.right_blocks(B, A, s), cap)
-    k = choose_k(rule, left.energies, right.energies, cap)
-    if method == "paper":
-        # The paper's literal recipe: stack the B's and the A's as they happen to be split.
-        U = linalg.top_subspace(B, k).basis
-        V = linalg.top_subspace(A.transpose(-1, -2), k).basis
-        return U, V, left.energies, 0
-    U, V = left.basis[:, :k], right.basis[:, :k]
-    done = 0
-    if sweeps > 0:
-        U, V, done = linalg.refine(U, V, B, A, s, sweeps)
-    return U, V, left.energies, done
+    work = torch.float64 if B.dtype == torch.float64 else torch.float32
+    B, A, s = B.to(work), A.to(work), s.to(work)
+    small = min(n, d, total_rank) <= linalg.EXACT_LIMIT or method == "paper"
+    if small:
+        return _solve(B, A, s, rule, method, sweeps, cap)
+    Xu, Xv = linalg.left_blocks(B, A, s), linalg.right_blocks(B, A, s)
+    total = float((Xu.pow(2)).sum(dtype=torch.float64))  # Σ‖ΔW_t‖², the same for both stacks
+    totals = (total, total)
+    want = rule.k if rule.k is not None else max(32, rule.k_min)
+    while True:
+        width = min(cap, want + SKETCH_EXTRA)
+        WU = linalg.range_basis(Xu, width, POWER_ITERS)
+        WV = linalg.range_basis(Xv, width, POWER_ITERS)
+        Br = WU.T.to(work) @ B
+        Ar = A @ WV.to(work)
+        sub_rule = rule if rule.k is not None else KRule(energy=rule.energy, k_min=rule.k_min)
+        U, V, curve, done = _solve(Br.double(), Ar.double(), s.double(), sub_rule, method, sweeps, min(cap, width), totals)
+        reached = rule.k is not None or float(curve[: U.shape[1]].sum()) >= rule.energy - 1e-12 or width >= cap
+        if reached or U.shape[1] < width - SKETCH_EXTRA // 2:
+            return WU @ U, WV @ V, curve, done
+        want = 2 * want
 
 
-def project_adapter(
-    U: torch.Tensor, V: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float, p: int | None, store: torch.dtype
-) -> AdapterCore:
-    """Best core of one adapter on stored bases, rounded to ``store``, with its exact error."""
-    U64, V64 = U.to(torch.float64), V.to(torch.float64)
-    b64, a64 = b.to(torch.float64), a.to(torch.float64)
-    rank = b.shape[1]
-    keep = min(rank, U.shape[1], p if p is not None else rank)
-    E, F = linalg.core_factors(U64, V64, b64, a64, scale, keep)
-    E, F = E.to(store).contiguous(), F.to(store).contiguous()
-    err2, norm2 = linalg.squared_error(b64, a64, scale, U64, E, F, V64)
-    return AdapterCore(E, F, err2, norm2)
+def project_all(
+    U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch.Tensor,
+    ranks: list[int], p: int | None, store: torch.dtype,
+) -> list[AdapterCore]:
+    """Every adapter's best core on the stored bases, rounded to ``store``, with exact errors.
+
+    Batched over adapters (ranks zero-padded). The error of each adapter is
+    trace((XᵀX)(YYᵀ)) with X = [s B | −U E], Y = [A ; F Vᵀ], in float64 on the stored values.
+    """
+    f64 = torch.float64
+    U64, V64 = U.to(f64), V.to(f64)
+    B64, A64, s64 = B.to(f64), A.to(f64), s.to(f64)
+    k = U.shape[1]
+    P = U64.T @ B64  # (T, k, r)
+    Q = A64 @ V64  # (T, r, k)
+    root = s64.abs().sqrt()[:, None, None]
+    E = torch.where(s64[:, None, None] >= 0, root, -root) * P
+    F = root * Q
+    keeps = [min(r, k, p if p is not None else r) for r in ranks]
+    cut = [t for t, (keep, r) in enumerate(zip(keeps, ranks)) if keep < r]
+    if cut:
+        u, sv, vh = torch.linalg.svd(s64[cut, None, None] * (P[cut] @ Q[cut]))
+        for i, t in enumerate(cut):
+            kp = keeps[t]
+            E[t].zero_()
+            F[t].zero_()
+            rt = sv[i, :kp].sqrt()
+            E[t, :, :kp] = u[i, :, :kp] * rt
+            F[t, :kp] = rt[:, None] * vh[i, :kp]
+    E, F = E.to(store), F.to(store)
+    E64, F64 = E.to(f64), F.to(f64)
+    s2 = (s64 * s64)[:, None, None]
+    BtB, AAt = B64.transpose(1, 2) @ B64, A64 @ A64.transpose(1, 2)
+    XtX = torch.cat([
+        torch.cat([s2 * BtB, -s64[:, None, None] * (P.transpose(1, 2) @ E64)], dim=2),
+        torch.cat([-s64[:, None, None] * (E64.transpose(1, 2) @ P), E64.transpose(1, 2) @ (U64.T @ U64) @ E64], dim=2),
+    ], dim=1)
+    YYt = torch.cat([
+        torch.cat([AAt, Q @ F64.transpose(1, 2)], dim=2),
+        torch.cat([F64 @ Q.transpose(1, 2), F64 @ (V64.T @ V64) @ F64.transpose(1, 2)], dim=2),
+    ], dim=1)
+    err2 = (XtX * YYt).sum(dim=(1, 2)).clamp_min(0.0)
+    norm2 = (s2 * BtB * AAt).sum(dim=(1, 2)).clamp_min(0.0)
+    return [
+        AdapterCore(E[t, :, :kp].contiguous(), F[t, :kp].contiguous(), float(err2[t]), float(norm2[t]))
+        for t, kp in enumerate(keeps)
+    ]
 
 
 def compress_module(
@@ -117,9 +196,10 @@ def compress_module(
     store: torch.dtype = torch.float32,
 ) -> ModuleResult:
     """Shared bases for one module and every adapter's core on them."""
-    B, A = pad_stack([(b.to(torch.float64), a.to(torch.float64)) for b, a in factors])
+    B, A = pad_stack(factors)
     s = torch.tensor(scales, dtype=torch.float64)
-    U, V, curve, done = module_bases(B, A, s, rule, method, sweeps, sum(b.shape[1] for b, _ in factors))
+    ranks = [b.shape[1] for b, _ in factors]
+    U, V, curve, done = module_bases(B, A, s, rule, method, sweeps, sum(ranks))
     U_st, V_st = U.to(store).contiguous(), V.to(store).contiguous()
-    cores = [project_adapter(U_st, V_st, b, a, sc, p, store) for (b, a), sc in zip(factors, scales)]
+    cores = project_all(U_st, V_st, B, A, s, ranks, p, store)
     return ModuleResult(U_st, V_st, cores, curve, done)

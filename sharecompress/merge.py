@@ -162,7 +162,7 @@ def _build(adapters, shapes, rule, method, sweeps, p, store, staging: Path, prog
     modules: dict[str, dict] = {}
     for i, (module, (n, d)) in enumerate(shapes.items()):
         holders = [a for a in adapters if module in a.modules]
-        factors = [a.factors(module) for a in holders]
+        factors = [a.factors(module, None) for a in holders]
         scales = [a.modules[module].scale for a in holders]
         result = compress_module(factors, scales, rule, method, sweeps, p, store)
         basis[f"{module}.U"], basis[f"{module}.V"] = result.U, result.V
@@ -277,10 +277,10 @@ def relative(err2: float, norm2: float) -> float:
 
 
 def _module_entry(result: ModuleResult, n: int, d: int) -> dict:
-    total = float(result.energies.sum())
+    total = sum(c.norm2 for c in result.cores)
     err2 = sum(c.err2 for c in result.cores)
     keep = min(result.energies.numel(), max(2 * result.k, 64))
-    curve = (torch.cumsum(result.energies[:keep], 0) / total).tolist() if total > 0 else []
+    curve = torch.cumsum(result.energies[:keep], 0).tolist() if total > 0 else []
     return {
         "shape": [n, d],
         "k": result.k,

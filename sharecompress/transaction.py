@@ -9,6 +9,7 @@ by the next one. A process killed at any instant leaves the old zoo or the new o
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ def pause_point(step: str) -> None:
     for item in spec.split(","):
         name, _, seconds = item.partition(":")
         if name == step:
+            sys.stderr.write(f"sharecompress: paused at {step}\n")
+            sys.stderr.flush()
             time.sleep(float(seconds or 5))
 
 

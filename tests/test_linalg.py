@@ -1,5 +1,6 @@
 """The math on factors agrees with dense float64 linear algebra."""
 
+import pytest
 import torch
 
 from sharecompress import linalg
@@ -124,3 +125,48 @@ def test_zero_adapters_give_a_full_orthonormal_basis():
     assert result.k == 3
     assert torch.allclose(result.U.T @ result.U, torch.eye(3, dtype=torch.float64), atol=1e-12)
     assert all(c.err2 == 0.0 and c.norm2 == 0.0 for c in result.cores)
+
+
+def _module_problem(T=10, n=120, d=100, r=8, k0=6, noise=0.05, seed=4):
+    mods = {"m": (n, d)}
+    basis = planted_basis(mods, k0, seed=seed)
+    factors = [random_factors(mods, r, seed=seed + 10 + t, basis=basis, noise=noise)["m"] for t in range(T)]
+    return factors, [0.5 + 0.1 * t for t in range(T)], basis["m"]
+
+
+def test_sketched_path_matches_the_exact_path(monkeypatch):
+    """Large modules are sketched (range finder + exact solve); on a gapped problem the result is the same."""
+    factors, scales, (P, Q) = _module_problem()
+    exact = compress_module(factors, scales, KRule(k=6), store=torch.float64)
+    monkeypatch.setattr(linalg, "EXACT_LIMIT", 40)  # force the sketch on these shapes
+    sketched = compress_module(factors, scales, KRule(k=6), store=torch.float64)
+    assert _span_distance(sketched.U, exact.U) < 1e-6
+    assert _span_distance(sketched.V, exact.V) < 1e-6
+    for a, b in zip(sketched.cores, exact.cores):
+        assert a.err2 == pytest.approx(b.err2, rel=1e-6, abs=1e-12)
+    # and its reported errors are still the dense ones
+    for core, (b, a), sc in zip(sketched.cores, factors, scales):
+        dense = dense_delta(b, a, sc)
+        rec = sketched.U @ core.E @ core.F @ sketched.V.T
+        assert core.err2 == pytest.approx(float(((dense - rec) ** 2).sum()), rel=1e-6)
+
+
+def test_sketched_energy_rule_widens_until_reached(monkeypatch):
+    factors, scales, _ = _module_problem(noise=0.6)
+    monkeypatch.setattr(linalg, "EXACT_LIMIT", 40)
+    result = compress_module(factors, scales, KRule(energy=0.97), store=torch.float64)
+    kept = 1 - sum(c.err2 for c in result.cores) / sum(c.norm2 for c in result.cores)
+    assert kept >= 0.97 - 1e-9
+    assert result.k > 6  # the noise needs more than the planted directions
+
+
+def test_iterative_top_subspace_matches_exact(monkeypatch):
+    factors, scales, _ = _module_problem(T=12, n=150, d=140)
+    B, A = pad_stack(factors)
+    s = torch.tensor(scales, dtype=torch.float64)
+    exact = linalg.top_subspace(linalg.left_blocks(B, A, s), 6)
+    monkeypatch.setattr(linalg, "EXACT_LIMIT", 10)
+    iterated = linalg.top_subspace(linalg.left_blocks(B, A, s), 6)
+    assert _span_distance(iterated.basis, exact.basis) < 1e-5
+    assert iterated.total == pytest.approx(exact.total, rel=1e-12)
+    assert torch.allclose(iterated.energies[:6], exact.energies[:6], rtol=1e-6)

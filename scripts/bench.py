@@ -1,0 +1,152 @@
+"""Benchmark `sharecompress merge` against the read floor, a dense baseline and lorashare.
+
+One run, one machine: every contender runs as its own process on the same synthetic zoo
+(Llama-like keys, q/k/v/o, fp16, a planted shared subspace plus noise), and is timed from
+outside with its peak memory taken from the kernel's accounting of that process (wait4).
+Errors are relative ‖ΔW − ΔŴ‖_F over the whole zoo, measured exactly from factors.
+
+    python scripts/bench.py --adapters 128 --layers 8 --hidden 1024 --rank 16 -k 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic_zoo import generate, module_shapes  # noqa: E402
+
+READ_FLOOR = """
+import sys, torch
+from safetensors import safe_open
+for path in sys.argv[1:]:
+    with safe_open(path + "/adapter_model.safetensors", "pt") as fh:
+        for key in fh.keys():
+            fh.get_tensor(key)
+"""
+
+DENSE_BASELINE = """
+import json, sys, torch
+from sharecompress.readers import find_adapters
+k = int(sys.argv[1]); modules = int(sys.argv[2]); adapters = find_adapters(sys.argv[3:])
+names = sorted(adapters[0].modules)[:modules]
+err2 = norm2 = 0.0
+for m in names:
+    deltas = [a.modules[m].scale * (lambda b, a_: b @ a_)(*a.factors(m, torch.float32)) for a in adapters]
+    U = torch.linalg.svd(torch.cat(deltas, dim=1), full_matrices=False)[0][:, :k]
+    V = torch.linalg.svd(torch.cat(deltas, dim=0), full_matrices=False)[2][:k].T
+    for dw in deltas:
+        rec = U @ (U.T @ dw @ V) @ V.T
+        err2 += float(((dw - rec).double() ** 2).sum()); norm2 += float((dw.double() ** 2).sum())
+print(json.dumps({"relative_error": (err2 / norm2) ** 0.5}))
+"""
+
+LORASHARE_ERROR = """
+import json, sys, torch
+from sharecompress.readers import find_adapters
+originals, rebuilt = find_adapters(sys.argv[2:]), {a.name: a for a in find_adapters([sys.argv[1]])}
+err2 = norm2 = 0.0
+for a in originals:
+    b2 = rebuilt[a.name]
+    for m, spec in a.modules.items():
+        B, A = a.factors(m); B2, A2 = b2.factors(m)
+        X = torch.cat([spec.scale * B, -b2.modules[m].scale * B2], 1); Y = torch.cat([A, A2], 0)
+        err2 += float(((X.T @ X) * (Y @ Y.T)).sum()); norm2 += float(spec.scale ** 2 * ((B.T @ B) * (A @ A.T)).sum())
+print(json.dumps({"relative_error": (max(err2, 0.0) / norm2) ** 0.5}))
+"""
+
+
+def run(argv: list[str], env: dict | None = None) -> dict:
+    """Run one process; its wall time, peak RSS (MB) and stdout."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(argv[:4])} …\n{err.decode()[-2000:]}")
+    return {"wall_s": wall, "peak_mb": usage.ru_maxrss / 1024, "stdout": out.decode()}
+
+
+def sharecompress_merge(sources: list[str], zoo: Path, k: int) -> dict:
+    result = run([sys.executable, "-m", "sharecompress", "merge", *sources, "--zoo", str(zoo), "-k", str(k), "-q", "--force"])
+    report = json.loads(run([sys.executable, "-m", "sharecompress", "report", "--zoo", str(zoo), "--json"])["stdout"])
+    result["relative_error"] = report["relative_error"]
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapters", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("-k", type=int, default=32)
+    ap.add_argument("--baseline-adapters", type=int, default=16, help="subset for the dense baseline")
+    ap.add_argument("--baseline-modules", type=int, default=4)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--no-lorashare", action="store_true")
+    args = ap.parse_args()
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="sharebench-"))
+    zoo_src = work / f"zoo-{args.adapters}x{args.layers}x{args.hidden}-r{args.rank}"
+    if not zoo_src.exists():
+        generate(zoo_src, args.adapters, module_shapes(args.layers, args.hidden, None, ["q_proj", "k_proj", "v_proj", "o_proj"]), args.rank)
+    sources = sorted(str(p) for p in zoo_src.iterdir())
+    size = sum(f.stat().st_size for p in zoo_src.iterdir() for f in p.iterdir())
+    print(f"zoo: {len(sources)} adapters × {args.layers * 4} modules of {args.hidden}×{args.hidden}, rank {args.rank}, "
+          f"fp16, {size / 1e6:.0f} MB; k = {args.k}; torch threads {os.cpu_count()} cores")
+
+    rows = {}
+    rows["read floor (import torch + read every tensor)"] = run([sys.executable, "-c", READ_FLOOR, *sources])
+    rows["sharecompress merge"] = sharecompress_merge(sources, work / "zoo", args.k)
+    # The dense baseline (materialize each ΔW, stack, SVD) cannot finish on the whole zoo:
+    # it and merge both run on a smaller zoo of the same shapes.
+    sub_dir = work / f"subset-{args.baseline_adapters}x{args.baseline_modules}x{args.hidden}-r{args.rank}"
+    if not sub_dir.exists():
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj"][: args.baseline_modules]
+        generate(sub_dir, args.baseline_adapters, module_shapes(1, args.hidden, None, targets), args.rank)
+    sub_sources = sorted(str(p) for p in sub_dir.iterdir())
+    label = f"{len(sub_sources)} adapters × {args.baseline_modules} modules"
+    rows[f"dense baseline ({label})"] = dense = run(
+        [sys.executable, "-c", DENSE_BASELINE, str(args.k), str(args.baseline_modules), *sub_sources])
+    dense["relative_error"] = json.loads(dense["stdout"])["relative_error"]
+    rows[f"sharecompress merge ({label})"] = sub_merge = sharecompress_merge(sub_sources, work / "zoo-sub", args.k)
+
+    if not args.no_lorashare and importlib.util.find_spec("lorashare"):
+        out = work / "lorashare"
+        shutil.rmtree(out, ignore_errors=True)
+        cli = [sys.executable, "-c", "import sys; from lorashare.cli import main; sys.exit(main())"]
+        ls = run([*cli, "compress", *sources, "-o", str(out), "-k", str(args.k), "--device", "cpu"])
+        rec = work / "lorashare-rec"
+        shutil.rmtree(rec, ignore_errors=True)
+        run([*cli, "reconstruct", str(out), "--all", "-o", str(rec)])
+        ls["relative_error"] = json.loads(run([sys.executable, "-c", LORASHARE_ERROR, str(rec), *sources])["stdout"])["relative_error"]
+        rows["lorashare 0.1.3 compress (same zoo, same k)"] = ls
+
+    print(f"\n| run | wall s | peak MB | relative error |\n|---|---:|---:|---:|")
+    for name, r in rows.items():
+        err = f"{r['relative_error']:.4f}" if "relative_error" in r else "—"
+        print(f"| {name} | {r['wall_s']:.2f} | {r['peak_mb']:.0f} | {err} |")
+    floor = rows["read floor (import torch + read every tensor)"]["wall_s"]
+    merge = rows["sharecompress merge"]
+    sub_merge = rows[f"sharecompress merge ({label})"]
+    print(f"\nmerge / read floor: {merge['wall_s'] / floor:.2f}×")
+    print(f"dense baseline / merge on the small zoo: {dense['wall_s'] / sub_merge['wall_s']:.2f}×")
+    if "lorashare 0.1.3 compress (same zoo, same k)" in rows:
+        ls = rows["lorashare 0.1.3 compress (same zoo, same k)"]
+        print(f"lorashare / merge: {ls['wall_s'] / merge['wall_s']:.2f}× time, "
+              f"{ls['peak_mb'] / merge['peak_mb']:.2f}× peak memory, error {ls['relative_error']:.4f} vs {merge['relative_error']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

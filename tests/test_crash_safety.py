@@ -1,0 +1,106 @@
+"""A writer killed at any instant leaves the zoo as it was before or after, and verify accepts it."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import sharecompress
+from sharecompress import Zoo
+from sharecompress.verify import verify
+
+from factories import random_factors, write_peft_adapter
+
+MODULES = {"layers.0.q_proj": (20, 16), "layers.0.v_proj": (20, 16), "layers.1.q_proj": (20, 16)}
+
+
+@pytest.fixture
+def zoo_and_new(tmp_path):
+    paths = [str(write_peft_adapter(tmp_path / f"a{i}", random_factors(MODULES, 2, seed=i))) for i in range(4)]
+    sharecompress.merge(paths[:3], tmp_path / "zoo", k=3)
+    return tmp_path / "zoo", paths[3]
+
+
+def snapshot(zoo_dir):
+    zoo = Zoo.open(zoo_dir)
+    return zoo.names, {name: {m: (e.tolist(), f.tolist()) for m, (e, f) in zoo.cores(name).items()} for name in zoo.names}
+
+
+def start_add(zoo_dir, source, pause):
+    env = dict(os.environ, SHARECOMPRESS_PAUSE_AT=pause)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sharecompress", "add", source, "--zoo", str(zoo_dir), "-q"],
+        stderr=subprocess.PIPE, env=env, text=True,
+    )
+
+
+def after_state(tmp_path, zoo_dir, source):
+    """The state a completed add gives, from a copy of the zoo."""
+    import shutil
+
+    ref = tmp_path / "reference"
+    shutil.copytree(zoo_dir, ref)
+    Zoo.open(ref).add([source])
+    return snapshot(ref)
+
+
+@pytest.mark.parametrize("step", ["after-basis", "between-adapters", "before-manifest", "after-manifest"])
+def test_kill_at_each_step(tmp_path, zoo_and_new, step):
+    zoo_dir, source = zoo_and_new
+    before = snapshot(zoo_dir)
+    after = after_state(tmp_path, zoo_dir, source)
+    proc = start_add(zoo_dir, source, f"{step}:30")
+    line = proc.stderr.readline()
+    assert f"paused at {step}" in line, line
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    problems, _ = verify(zoo_dir)
+    assert problems == []
+    state = snapshot(zoo_dir)
+    assert state == (after if step == "after-manifest" else before)
+    # the zoo stays writable, and the next writer cleans what the killed one left
+    if state == before:
+        Zoo.open(zoo_dir).add([source])
+    else:
+        Zoo.open(zoo_dir).remove("a3")
+    assert verify(zoo_dir) == ([], [])
+
+
+def test_kill_at_random_instants(tmp_path, zoo_and_new):
+    zoo_dir, source = zoo_and_new
+    before = snapshot(zoo_dir)
+    after = after_state(tmp_path, zoo_dir, source)
+    import shutil
+
+    pristine = tmp_path / "pristine"
+    shutil.copytree(zoo_dir, pristine)
+    rng = random.Random(0)
+    for _ in range(6):
+        proc = start_add(zoo_dir, source, "after-basis:0.1,between-adapters:0.1,before-manifest:0.1")
+        assert "paused at" in proc.stderr.readline()  # the add is under way
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.kill()
+        proc.wait()
+        assert verify(zoo_dir)[0] == []
+        state = snapshot(zoo_dir)
+        assert state in (before, after)
+        if state == after:
+            shutil.rmtree(zoo_dir)
+            shutil.copytree(pristine, zoo_dir)
+
+
+def test_a_second_writer_waits_then_fails_clearly(tmp_path, zoo_and_new):
+    from sharecompress.errors import ZooError
+    from sharecompress.storage import WriterLock
+
+    zoo_dir, source = zoo_and_new
+    with WriterLock(zoo_dir):
+        with pytest.raises(ZooError, match="another sharecompress process is writing"):
+            with WriterLock(zoo_dir, timeout=0.3):
+                pass
+    assert json.loads((zoo_dir / "manifest.json").read_text())["generation"] == 1
