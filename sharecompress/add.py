@@ -97,11 +97,11 @@ def fold_module(
     for t in names:
         E, F = old[t][0].to(f64), old[t][1].to(f64)
         keep = E.shape[1] if p is None else min(E.shape[1], p)
-        E2, F2 = linalg.core_from_projections(GU[1].T @ E, F @ GV[1], 1.0, min(keep, U2.shape[1]))
+        E2, F2 = linalg.core_from_projections(GU[1].T @ E, F @ GV[1], 1.0, min(keep, U2.shape[1], V2.shape[1]))
         E2, F2 = E2.to(store).contiguous(), F2.to(store).contiguous()
         cores[t] = (E2, F2)
         drifts[t] = _pair_drift2(E, F, E2.to(f64), F2.to(f64), GU, GV)
-    keep = min(B.shape[1], U2.shape[1], p if p is not None else B.shape[1])
+    keep = min(B.shape[1], U2.shape[1], V2.shape[1], p if p is not None else B.shape[1])
     E_new, F_new = linalg.core_factors(U2_64, V2_64, B, A, scale, keep)
     E_new, F_new = E_new.to(store).contiguous(), F_new.to(store).contiguous()
     err2, norm2 = linalg.squared_error(B, A, scale, U2_64, E_new, F_new, V2_64)
@@ -143,11 +143,9 @@ def add(
                 n, d = spec.n, spec.d
                 if info is None:
                     U, V = torch.zeros(n, 0, dtype=store), torch.zeros(d, 0, dtype=store)
-                    k_old = 0
                 else:
                     U, V = bases[module]
-                    k_old = info["k"]
-                rule = _rule_for(manifest, k_old, grow)
+                rule = _rule_for(manifest, (U.shape[1], V.shape[1]), grow)
                 holders = {t: cores[t][module] for t in cores if module in cores[t]}
                 U2, V2, moved, drifts, new, curve, sweeps_done = fold_module(
                     U, V, holders, b, a, spec.scale, rule, manifest.get("method", "share"),
@@ -167,7 +165,7 @@ def add(
                     "drift": 0.0, "a_key": spec.a_key, "b_key": spec.b_key,
                     "a_shape": list(spec.a_shape), "b_shape": list(spec.b_shape),
                 }
-                manifest["modules"][module] = _module_info(info, n, d, U2.shape[1], curve, sweeps_done)
+                manifest["modules"][module] = _module_info(info, n, d, U2.shape[1], V2.shape[1], curve, sweeps_done)
                 done_steps += 1
                 if progress:
                     progress(done_steps, steps, f"{adapter.name}: {module}")
@@ -189,19 +187,20 @@ def add(
     return {t: (v / norms[t]) ** 0.5 if norms[t] > 0 else 0.0 for t, v in step_drift.items()}
 
 
-def _rule_for(manifest: dict, k_old: int, grow: str) -> KRule:
+def _rule_for(manifest: dict, k_old: tuple[int, int], grow: str) -> KRule:
+    """The zoo's own k rule; an energy zoo never shrinks k, and with ``grow off`` keeps it."""
     rule = manifest.get("k_rule") or {}
     if rule.get("k") is not None:
         return KRule(k=rule["k"])
-    if grow == "off" and k_old > 0:
-        return KRule(k=k_old)
-    return KRule(energy=rule.get("energy") or 0.99, k_min=max(k_old, 1))
+    floor = (max(k_old[0], 1), max(k_old[1], 1))
+    new_module = k_old == (0, 0)
+    return KRule(energy=rule.get("energy") or 0.99, k_min=floor, k_max=None if grow == "auto" or new_module else floor)
 
 
-def _module_info(info: dict | None, n: int, d: int, k: int, curve: torch.Tensor, sweeps: int) -> dict:
+def _module_info(info: dict | None, n: int, d: int, ku: int, kv: int, curve: torch.Tensor, sweeps: int) -> dict:
     info = dict(info or {"shape": [n, d]})
-    keep = min(curve.numel(), max(2 * k, 64))
-    info.update(k=k, energy_curve=[round(x, 7) for x in torch.cumsum(curve[:keep], 0).tolist()], sweeps=sweeps)
+    keep = min(curve.numel(), max(2 * ku, 64))
+    info.update(k=max(ku, kv), k_u=ku, k_v=kv, energy_curve=[round(x, 7) for x in torch.cumsum(curve[:keep], 0).tolist()], sweeps=sweeps)
     return info
 
 

@@ -18,7 +18,8 @@ class KRule:
 
     k: int | None = None
     energy: float | None = None
-    k_min: int = 1  # an add never shrinks a module's k
+    k_min: tuple[int, int] = (1, 1)  # per side (U, V): an add never shrinks a module's k
+    k_max: tuple[int, int] | None = None  # per side: `add --grow off` holds k where it is
 
     def describe(self) -> str:
         return f"k={self.k}" if self.k is not None else f"energy={self.energy}"
@@ -46,6 +47,10 @@ class ModuleResult:
     def k(self) -> int:
         return self.U.shape[1]
 
+    @property
+    def k_v(self) -> int:
+        return self.V.shape[1]
+
 
 def pad_stack(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack (B_t, A_t) of mixed ranks by zero-padding to the largest rank; ΔW is unchanged."""
@@ -66,32 +71,43 @@ SKETCH_EXTRA = 32  # working-subspace width beyond k when a module is sketched
 POWER_ITERS = 3
 
 
-def _k_for_energy(left: linalg.Subspace, right: linalg.Subspace, target: float, totals: tuple[float, float]) -> int | None:
-    ku = linalg.smallest_k_for_energy(left.energies, target, totals[0])
-    kv = linalg.smallest_k_for_energy(right.energies, target, totals[1])
-    return None if ku is None or kv is None else max(ku, kv)
+def _side_k(rule: KRule, sub: linalg.Subspace, total: float, cap: int, side: int) -> int | None:
+    """k for one side (0: U, 1: V), or None when the energies found do not reach the target yet."""
+    if rule.k is not None:
+        k = rule.k
+    else:
+        k = linalg.smallest_k_for_energy(sub.energies, rule.energy, total)
+        if k is None:
+            return None
+        k = max(k, rule.k_min[side])
+    if rule.k_max is not None:
+        k = min(k, rule.k_max[side])
+    return max(1, min(k, cap))
 
 
-def _solve(B, A, s, rule, method, sweeps, cap, totals=None):
-    """Bases on factors small enough for exact eigen-solves (or already sketched)."""
+def _solve(B, A, s, rule, method, sweeps, caps, totals=None):
+    """Bases on factors small enough for exact eigen-solves (or already sketched).
+
+    U and V each get their own k: a stack of rank above n (or d) fits a full U (or V) while the
+    other side still needs every direction it has, so one k for both could not be lossless.
+    """
     Xu, Xv = linalg.left_blocks(B, A, s), linalg.right_blocks(B, A, s)
-    width = min(cap, rule.k if rule.k is not None else max(32, rule.k_min))
+    start = rule.k if rule.k is not None else 32
+    widths = [min(caps[0], max(start, rule.k_min[0])), min(caps[1], max(start, rule.k_min[1]))]
     while True:
-        left, right = linalg.top_subspace(Xu, width), linalg.top_subspace(Xv, width)
+        left, right = linalg.top_subspace(Xu, widths[0]), linalg.top_subspace(Xv, widths[1])
         totals = totals or (left.total, right.total)
-        if rule.k is not None:
-            k = max(1, width)
+        ks = [_side_k(rule, sub, totals[i], caps[i], i) for i, sub in enumerate((left, right))]
+        if all(k is not None for k in ks) or widths == list(caps):
+            ks = [k if k is not None else caps[i] for i, k in enumerate(ks)]
             break
-        found = _k_for_energy(left, right, rule.energy, totals)
-        if found is not None or width >= cap:
-            k = max(1, min(max(found or cap, rule.k_min), cap))
-            break
-        width = min(cap, 2 * width)
+        widths = [w if k is not None else min(caps[i], 2 * w) for i, (w, k) in enumerate(zip(widths, ks))]
+    ku, kv = ks
     curve = left.energies / totals[0] if totals[0] > 0 else left.energies
     if method == "paper":
         # The paper's literal recipe: stack the B's and the A's as they happen to be split.
-        return linalg.top_subspace(B, k).basis, linalg.top_subspace(A.transpose(-1, -2), k).basis, curve, 0
-    U, V, done = left.basis[:, :k], right.basis[:, :k], 0
+        return linalg.top_subspace(B, ku).basis, linalg.top_subspace(A.transpose(-1, -2), kv).basis, curve, 0
+    U, V, done = left.basis[:, :ku], right.basis[:, :kv], 0
     if sweeps > 0:
         U, V, done = linalg.refine(U, V, B, A, s, sweeps)
     return U, V, curve, done
@@ -111,28 +127,25 @@ def module_bases(
     whatever found the bases.
     """
     n, d = B.shape[1], A.shape[2]
-    cap = min(n, d, total_rank)  # the stacks' largest possible rank: k beyond it is lossless
+    caps = (min(n, total_rank), min(d, total_rank))  # each stack's largest rank: k there is lossless
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
     work = torch.float64 if B.dtype == torch.float64 else torch.float32
     B, A, s = B.to(work), A.to(work), s.to(work)
-    small = min(n, d, total_rank) <= linalg.EXACT_LIMIT or method == "paper"
-    if small:
-        return _solve(B, A, s, rule, method, sweeps, cap)
+    if min(n, d, total_rank) <= linalg.EXACT_LIMIT or method == "paper":
+        return _solve(B, A, s, rule, method, sweeps, caps)
     Xu, Xv = linalg.left_blocks(B, A, s), linalg.right_blocks(B, A, s)
     total = float((Xu.pow(2)).sum(dtype=torch.float64))  # Σ‖ΔW_t‖², the same for both stacks
-    totals = (total, total)
-    want = rule.k if rule.k is not None else max(32, rule.k_min)
+    want = rule.k if rule.k is not None else max(32, *rule.k_min)
     while True:
-        width = min(cap, want + SKETCH_EXTRA)
-        WU = linalg.range_basis(Xu, width, POWER_ITERS)
-        WV = linalg.range_basis(Xv, width, POWER_ITERS)
+        widths = (min(caps[0], want + SKETCH_EXTRA), min(caps[1], want + SKETCH_EXTRA))
+        WU = linalg.range_basis(Xu, widths[0], POWER_ITERS)
+        WV = linalg.range_basis(Xv, widths[1], POWER_ITERS)
         Br = WU.T.to(work) @ B
         Ar = A @ WV.to(work)
-        sub_rule = rule if rule.k is not None else KRule(energy=rule.energy, k_min=rule.k_min)
-        U, V, curve, done = _solve(Br.double(), Ar.double(), s.double(), sub_rule, method, sweeps, min(cap, width), totals)
-        reached = rule.k is not None or float(curve[: U.shape[1]].sum()) >= rule.energy - 1e-12 or width >= cap
-        if reached or U.shape[1] < width - SKETCH_EXTRA // 2:
+        U, V, curve, done = _solve(Br.double(), Ar.double(), s.double(), rule, method, sweeps, widths, (total, total))
+        roomy = all(k <= w - SKETCH_EXTRA // 2 or w == c for k, w, c in zip((U.shape[1], V.shape[1]), widths, caps))
+        if rule.k is not None or roomy:
             return WU @ U, WV @ V, curve, done
         want = 2 * want
 
@@ -149,7 +162,7 @@ def project_all(
     f64 = torch.float64
     U64, V64 = U.to(f64), V.to(f64)
     B64, A64, s64 = B.to(f64), A.to(f64), s.to(f64)
-    k = U.shape[1]
+    k = min(U.shape[1], V.shape[1])
     P = U64.T @ B64  # (T, k, r)
     Q = A64 @ V64  # (T, r, k)
     root = s64.abs().sqrt()[:, None, None]

@@ -205,12 +205,12 @@ def refine(
     Σ_t ‖Uᵀ ΔW_t V‖² — read off the V step's eigen-energies — never falls; a sweep that
     would lower it is discarded, and sweeps stop once one gains less than 1e-9.
     """
-    k = U.shape[1]
+    ku, kv = U.shape[1], V.shape[1]
     best = -1.0
     done = 0
     for _ in range(sweeps):
-        U_new = top_subspace(left_blocks(B, A @ V.to(A.dtype), s.to(A.dtype)), k, warm=U, max_iter=WARM_ITERS).basis
-        right = top_subspace(right_blocks(U_new.T.to(B.dtype) @ B, A, s.to(A.dtype)), k, warm=V, max_iter=WARM_ITERS)
+        U_new = top_subspace(left_blocks(B, A @ V.to(A.dtype), s.to(A.dtype)), ku, warm=U, max_iter=WARM_ITERS).basis
+        right = top_subspace(right_blocks(U_new.T.to(B.dtype) @ B, A, s.to(A.dtype)), kv, warm=V, max_iter=WARM_ITERS)
         gain = right.captured
         if gain < best:  # rounding only; keep the better pair
             break

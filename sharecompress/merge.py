@@ -283,7 +283,9 @@ def _module_entry(result: ModuleResult, n: int, d: int) -> dict:
     curve = torch.cumsum(result.energies[:keep], 0).tolist() if total > 0 else []
     return {
         "shape": [n, d],
-        "k": result.k,
+        "k": max(result.k, result.k_v),
+        "k_u": result.k,
+        "k_v": result.k_v,
         "adapters": len(result.cores),
         "energy_total": total,
         "energy_kept": 1.0 - err2 / total if total > 0 else 1.0,

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .merge import module_bound2, relative
+from .zoo import side_ks
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -24,7 +25,7 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
     measured = measured or {}
     item = ITEMSIZE[manifest.get("dtype", "float32")]
     modules = manifest["modules"]
-    basis_bytes = sum(m["k"] * (m["shape"][0] + m["shape"][1]) * item for m in modules.values())
+    basis_bytes = sum((side_ks(m)[0] * m["shape"][0] + side_ks(m)[1] * m["shape"][1]) * item for m in modules.values())
     coef_bytes = 0
     total_err2 = total_norm2 = 0.0
     adapters = []
@@ -33,8 +34,7 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
         exact = measured.get(entry["name"])
         pairs = {}
         for name, mod in entry["modules"].items():
-            k = modules[name]["k"]
-            coef_bytes += 2 * k * mod["p"] * item
+            coef_bytes += sum(side_ks(modules[name])) * mod["p"] * item
             pairs[name] = exact[name] if exact else (module_bound2(mod), mod["norm2"])
             per_module[name] = relative(*pairs[name])
         err2 = sum(e for e, _ in pairs.values())
@@ -71,7 +71,8 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
         "dtype": manifest.get("dtype"),
         "base_model": manifest.get("base_model"),
         "modules": {
-            name: {"shape": m["shape"], "k": m["k"], "energy_kept": m.get("energy_kept")}
+            name: {"shape": m["shape"], "k": m["k"], "k_u": side_ks(m)[0], "k_v": side_ks(m)[1],
+                   "energy_kept": m.get("energy_kept")}
             for name, m in modules.items()
         },
         "adapters": adapters,

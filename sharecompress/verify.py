@@ -10,7 +10,7 @@ from .errors import InputError, ZooError
 from .safetensors_file import SafetensorsFile
 from .storage import file_sha256
 from .transaction import referenced_files
-from .zoo import read_manifest
+from .zoo import read_manifest, side_ks
 
 
 def verify(path: str | Path) -> tuple[list[str], list[str]]:
@@ -50,8 +50,9 @@ def verify(path: str | Path) -> tuple[list[str], list[str]]:
     if basis is not None:
         for name, info in modules.items():
             n, d = info["shape"]
-            expect(basis, f"{name}.U", [n, info["k"]])
-            expect(basis, f"{name}.V", [d, info["k"]])
+            ku, kv = side_ks(info)
+            expect(basis, f"{name}.U", [n, ku])
+            expect(basis, f"{name}.V", [d, kv])
     seen: set[str] = set()
     for entry in manifest["adapters"]:
         if entry["name"] in seen:
@@ -63,9 +64,9 @@ def verify(path: str | Path) -> tuple[list[str], list[str]]:
                 if name not in modules:
                     problems.append(f"{cores.path}: module {name!r} is not in the manifest's modules")
                     continue
-                k = modules[name]["k"]
-                expect(cores, f"{name}.E", [k, mod["p"]])
-                expect(cores, f"{name}.F", [mod["p"], k])
+                ku, kv = side_ks(modules[name])
+                expect(cores, f"{name}.E", [ku, mod["p"]])
+                expect(cores, f"{name}.F", [mod["p"], kv])
         if entry.get("extras_file"):
             extras = open_checked(entry["extras_file"], entry.get("extras_sha256"))
             if extras is not None:

@@ -22,6 +22,11 @@ MANIFEST = "manifest.json"
 DEFAULT_ZOO = "share_zoo"
 
 
+def side_ks(module: dict) -> tuple[int, int]:
+    """(k of U, k of V) of a manifest module entry (equal unless the module is rectangular)."""
+    return module.get("k_u", module["k"]), module.get("k_v", module["k"])
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of the zoo at ``path``, checked for format and version."""
     if not path.exists():

@@ -221,3 +221,33 @@ def test_remove_list_and_verify(tmp_path):
     target.write_bytes(bytes(data))
     result = runner.invoke(app, ["verify", "--zoo", str(zoo_dir)])
     assert result.exit_code == 1 and "checksum" in result.stderr and str(target) in result.stderr
+
+
+def test_conv_and_embedding_lora_round_trip(tmp_path):
+    """Conv2d LoRA (A [r, in, kh, kw], B [out, r, 1, 1]) and embedding LoRA, flattened and restored."""
+    from safetensors.torch import load_file, save_file
+
+    srcs = []
+    for i in range(2):
+        gen = torch.Generator().manual_seed(i)
+        tensors = {
+            "base_model.model.conv.lora_A.weight": torch.randn(3, 4, 3, 3, generator=gen),
+            "base_model.model.conv.lora_B.weight": torch.randn(5, 3, 1, 1, generator=gen),
+            "base_model.model.embed.lora_embedding_A": torch.randn(3, 11, generator=gen),
+            "base_model.model.embed.lora_embedding_B": torch.randn(6, 3, generator=gen),
+        }
+        d = tmp_path / f"c{i}"
+        d.mkdir()
+        save_file(tensors, str(d / "adapter_model.safetensors"))
+        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 3, "lora_alpha": 6}))
+        srcs.append((str(d), tensors))
+    zoo = sharecompress.merge([s for s, _ in srcs], tmp_path / "zoo", k=100)
+    assert zoo.modules["base_model.model.conv"]["shape"] == [5, 36]
+    out = load_file(str(zoo.export("c1", tmp_path / "out") / "adapter_model.safetensors"))
+    original = srcs[1][1]
+    for a_key, b_key in (("conv.lora_A.weight", "conv.lora_B.weight"), ("embed.lora_embedding_A", "embed.lora_embedding_B")):
+        a_key, b_key = "base_model.model." + a_key, "base_model.model." + b_key
+        assert out[a_key].shape[1:] == original[a_key].shape[1:] and out[b_key].shape[2:] == original[b_key].shape[2:]
+        want = 2.0 * original[b_key].flatten(1).double() @ original[a_key].flatten(1).double()
+        got = out[b_key].flatten(1).double() @ out[a_key].flatten(1).double()
+        assert torch.allclose(got, want, atol=1e-5)

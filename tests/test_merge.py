@@ -74,7 +74,8 @@ def test_report_json_shape_and_bytes(tmp_path):
     paths, _ = make_zoo(tmp_path, specs)
     report = sharecompress.merge(paths, tmp_path / "zoo", k=6).report()
     assert set(report) >= {"relative_error", "bytes_original", "bytes_compressed", "compression_ratio", "modules", "adapters"}
-    assert report["modules"][PREFIX + "layers.0.q_proj"] == {"shape": [24, 20], "k": 6, "energy_kept": pytest.approx(report["modules"][PREFIX + "layers.0.q_proj"]["energy_kept"])}
+    q_proj = report["modules"][PREFIX + "layers.0.q_proj"]
+    assert (q_proj["shape"], q_proj["k"], q_proj["k_u"], q_proj["k_v"]) == ([24, 20], 6, 6, 6)
     # original: Σ r (n + d) fp32 per module; compressed: k (n + d) + Σ 2 k p, all fp32
     original = sum(r * 44 * 4 * 3 for r, _, _ in specs)
     compressed = 3 * (6 * 44 * 4) + sum(3 * 2 * 6 * min(r, 6) * 4 for r, _, _ in specs)
@@ -105,6 +106,19 @@ def test_share_is_never_worse_than_the_paper_recipe(tmp_path, seed):
         share = sharecompress.merge(paths, tmp_path / f"s{k}", k=k).report()["relative_error"]
         paper = sharecompress.merge(paths, tmp_path / f"p{k}", k=k, method="paper").report()["relative_error"]
         assert share <= paper + 1e-9
+
+
+def test_rectangular_modules_get_a_k_per_side_and_stay_lossless(tmp_path):
+    """n < Σr < d: U is full at n columns while V still needs all Σr directions."""
+    mods = {"layers.0.up_proj": (6, 30)}
+    paths = [str(write_peft_adapter(tmp_path / f"r{i}", random_factors(mods, 3, seed=i))) for i in range(3)]
+    zoo = sharecompress.merge(paths, tmp_path / "zoo", k=1000)
+    module = zoo.report()["modules"][PREFIX + "layers.0.up_proj"]
+    assert (module["k_u"], module["k_v"]) == (6, 9)
+    assert zoo.report()["relative_error"] < 1e-6
+    from sharecompress.verify import verify
+
+    assert verify(tmp_path / "zoo")[0] == []
 
 
 def test_k_is_capped_and_then_lossless(tmp_path):
