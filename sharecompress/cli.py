@@ -95,6 +95,7 @@ def merge(
     force: bool = typer.Option(False, "--force", help="Replace an existing zoo."),
     rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank for bare .safetensors files without a config."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha for bare .safetensors files without a config."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
     """Compress adapters into a new zoo."""
@@ -104,7 +105,7 @@ def merge(
     with user_errors(), module_progress(not quiet, "merging") as progress:
         result = run_merge(
             sources, zoo, k=k, energy=energy, method=method, sweeps=sweeps, p=p, dtype=dtype,
-            force=force, rank=rank, alpha=alpha, progress=progress,
+            force=force, rank=rank, alpha=alpha, device=device, progress=progress,
         )
     if not quiet:
         render(result.report(), err)

@@ -207,12 +207,16 @@ def compress_module(
     sweeps: int = 3,
     p: int | None = None,
     store: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> ModuleResult:
-    """Shared bases for one module and every adapter's core on them."""
+    """Shared bases for one module and every adapter's core on them (computed on ``device``)."""
     B, A = pad_stack(factors)
-    s = torch.tensor(scales, dtype=torch.float64)
+    B, A = B.to(device), A.to(device)
+    s = torch.tensor(scales, dtype=torch.float64, device=device)
     ranks = [b.shape[1] for b, _ in factors]
     U, V, curve, done = module_bases(B, A, s, rule, method, sweeps, sum(ranks))
     U_st, V_st = U.to(store).contiguous(), V.to(store).contiguous()
     cores = project_all(U_st, V_st, B, A, s, ranks, p, store)
-    return ModuleResult(U_st, V_st, cores, curve, done)
+    cpu = lambda t: t.cpu().contiguous()  # noqa: E731
+    cores = [AdapterCore(cpu(c.E), cpu(c.F), c.err2, c.norm2) for c in cores]
+    return ModuleResult(cpu(U_st), cpu(V_st), cores, curve.cpu(), done)

@@ -102,7 +102,7 @@ def range_basis(X: torch.Tensor, width: int, power: int = 2, seed: int = 0) -> t
     n, m = flat.shape
     width = min(width, n, m)
     gen = torch.Generator().manual_seed(seed)
-    Y = flat @ torch.randn(m, width, generator=gen)
+    Y = flat @ torch.randn(m, width, generator=gen).to(flat.device)
     for _ in range(power):
         with one_thread():
             Y = torch.linalg.qr(Y)[0]
@@ -136,9 +136,9 @@ def _iterate(flat: torch.Tensor, k: int, total: float, warm, seed: int, tol: flo
     if warm is not None and warm.shape[1] > 0:
         start = warm[:, :width].to(flat.dtype)
         if start.shape[1] < width:
-            start = torch.cat([start, torch.randn(n, width - start.shape[1], generator=gen).to(flat.dtype)], dim=1)
+            start = torch.cat([start, torch.randn(n, width - start.shape[1], generator=gen).to(flat.device, flat.dtype)], dim=1)
     else:
-        start = flat @ torch.randn(m, width, generator=gen).to(flat.dtype)
+        start = flat @ torch.randn(m, width, generator=gen).to(flat.device, flat.dtype)
     with one_thread():
         Y = torch.linalg.qr(start)[0]
     previous = -1.0
@@ -167,7 +167,7 @@ def complete_basis(basis: torch.Tensor, n: int, k: int, seed: int = 0) -> torch.
     if j >= k:
         return basis[:, :k]
     gen = torch.Generator().manual_seed(seed)
-    extra = torch.randn(n, k - j, generator=gen, dtype=torch.float64)
+    extra = torch.randn(n, k - j, generator=gen, dtype=torch.float64).to(basis.device)
     for _ in range(2):  # twice is enough for orthogonality to float64 precision
         extra = extra - basis @ (basis.T @ extra)
     extra = torch.linalg.qr(extra)[0]

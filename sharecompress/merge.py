@@ -6,6 +6,7 @@ import datetime as _dt
 import os
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -105,6 +106,7 @@ def merge(
     force: bool = False,
     rank: int | None = None,
     alpha: float | None = None,
+    device: str = "auto",
     progress: Progress | None = None,
 ) -> Zoo:
     """Compress the adapters named by ``sources`` into a new zoo at ``zoo``.
@@ -125,6 +127,7 @@ def merge(
         raise ValueError("p must be at least 1")
     rule = KRule(k=k, energy=None if k is not None else (energy if energy is not None else DEFAULT_ENERGY))
 
+    compute_on = resolve_device(device)
     target = Path(zoo)
     check_target(target, force)
     adapters = find_adapters(sources, rank=rank, alpha=alpha)
@@ -137,7 +140,7 @@ def merge(
     staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        manifest = _build(adapters, shapes, rule, method, sweeps, p, store, staging, progress)
+        manifest = _build(adapters, shapes, rule, method, sweeps, p, store, staging, progress, compute_on)
         manifest.update(
             base_model=base_model,
             method=method,
@@ -155,38 +158,77 @@ def merge(
     return Zoo.open(target)
 
 
-def _build(adapters, shapes, rule, method, sweeps, p, store, staging: Path, progress) -> dict:
+def resolve_device(requested: str) -> torch.device:
+    """``auto``: CUDA when present, else the CPU; naming an absent device is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"unknown device {requested!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    return device
+
+
+def _load(holders: list[Adapter], module: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [a.factors(module, None) for a in holders]
+
+
+def _build(adapters, shapes, rule, method, sweeps, p, store, staging: Path, progress, device) -> dict:
+    """Compute every module (reading the next one while this one computes), then write the files."""
     cores: dict[str, dict[str, torch.Tensor]] = {a.name: {} for a in adapters}
     entries = {a.name: _adapter_entry(a) for a in adapters}
     basis: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
-    for i, (module, (n, d)) in enumerate(shapes.items()):
-        holders = [a for a in adapters if module in a.modules]
-        factors = [a.factors(module, None) for a in holders]
-        scales = [a.modules[module].scale for a in holders]
-        result = compress_module(factors, scales, rule, method, sweeps, p, store)
-        basis[f"{module}.U"], basis[f"{module}.V"] = result.U, result.V
-        modules[module] = _module_entry(result, n, d)
-        for adapter, core in zip(holders, result.cores):
-            cores[adapter.name][f"{module}.E"] = core.E
-            cores[adapter.name][f"{module}.F"] = core.F
-            spec = adapter.modules[module]
-            entries[adapter.name]["modules"][module] = {
-                "rank": spec.rank,
-                "scale": spec.scale,
-                "p": core.E.shape[1],
-                "err2": core.err2,
-                "norm2": core.norm2,
-                "drift": 0.0,
-                "a_key": spec.a_key,
-                "b_key": spec.b_key,
-                "a_shape": list(spec.a_shape),
-                "b_shape": list(spec.b_shape),
-            }
-        del factors
-        if progress:
-            progress(i + 1, len(shapes), module)
+    order = list(shapes.items())
+    holders_of = {m: [a for a in adapters if m in a.modules] for m, _ in order}
+    reader = ThreadPoolExecutor(max_workers=1)
+    try:
+        pending = reader.submit(_load, holders_of[order[0][0]], order[0][0]) if order else None
+        for i, (module, (n, d)) in enumerate(order):
+            factors = pending.result()
+            if i + 1 < len(order):
+                nxt = order[i + 1][0]
+                pending = reader.submit(_load, holders_of[nxt], nxt)
+            result = _compress_loaded(module, holders_of[module], factors, rule, method, sweeps, p, store, device)
+            _collect(module, n, d, holders_of[module], result, basis, modules, cores, entries)
+            del factors
+            if progress:
+                progress(i + 1, len(order), module)
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+    return _write_zoo_files(adapters, basis, modules, cores, entries, staging)
 
+
+def _compress_loaded(module, holders, factors, rule, method, sweeps, p, store, device) -> ModuleResult:
+    scales = [a.modules[module].scale for a in holders]
+    return compress_module(factors, scales, rule, method, sweeps, p, store, device)
+
+
+def _collect(module, n, d, holders, result, basis, modules, cores, entries) -> None:
+    """File one module's result into the basis, the cores and the manifest entries."""
+    basis[f"{module}.U"], basis[f"{module}.V"] = result.U, result.V
+    modules[module] = _module_entry(result, n, d)
+    for adapter, core in zip(holders, result.cores):
+        cores[adapter.name][f"{module}.E"] = core.E
+        cores[adapter.name][f"{module}.F"] = core.F
+        spec = adapter.modules[module]
+        entries[adapter.name]["modules"][module] = {
+            "rank": spec.rank,
+            "scale": spec.scale,
+            "p": core.E.shape[1],
+            "err2": core.err2,
+            "norm2": core.norm2,
+            "drift": 0.0,
+            "a_key": spec.a_key,
+            "b_key": spec.b_key,
+            "a_shape": list(spec.a_shape),
+            "b_shape": list(spec.b_shape),
+        }
+
+
+def _write_zoo_files(adapters, basis, modules, cores, entries, staging: Path) -> dict:
     save_tensors_durably(staging / "basis.safetensors", basis, {"format": "pt", "sharecompress": "basis"})
     (staging / "adapters").mkdir()
     used: set[str] = set()
