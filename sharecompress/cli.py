@@ -96,6 +96,7 @@ def merge(
     rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank for bare .safetensors files without a config."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha for bare .safetensors files without a config."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: compute every N-th module from the I-th (1-based) into a partial zoo; join parts with combine."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
     """Compress adapters into a new zoo."""
@@ -105,11 +106,34 @@ def merge(
     with user_errors(), module_progress(not quiet, "merging") as progress:
         result = run_merge(
             sources, zoo, k=k, energy=energy, method=method, sweeps=sweeps, p=p, dtype=dtype,
-            force=force, rank=rank, alpha=alpha, device=device, progress=progress,
+            force=force, rank=rank, alpha=alpha, device=device, shard=parse_shard(shard), progress=progress,
         )
-    if not quiet:
+    if not quiet and "shard" not in result.manifest:
         render(result.report(), err)
         err.print(f"wrote zoo [bold]{zoo}[/] ({len(result.adapters)} adapters, {len(result.modules)} modules)")
+
+
+def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
+    if text is None:
+        return None
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
+        raise ValueError(f"--shard {text!r}: expected I/N with 1 <= I <= N, e.g. 2/4")
+    return int(index), int(count)
+
+
+@app.command()
+def combine(
+    parts: List[Path] = typer.Argument(..., help="The partial zoos written by merge --shard I/N."),
+    zoo: Path = ZooOption,
+    force: bool = typer.Option(False, "--force", help="Replace an existing zoo."),
+) -> None:
+    """Join the partial zoos of a sharded merge into one zoo."""
+    from .combine import combine as run_combine
+
+    with user_errors():
+        result = run_combine(parts, zoo, force=force)
+    err.print(f"wrote zoo [bold]{zoo}[/] from {len(parts)} parts ({len(result.modules)} modules)")
 
 
 @app.command()

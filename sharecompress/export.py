@@ -16,7 +16,7 @@ import torch
 
 from .errors import ZooError
 from .storage import fsync_dir, save_tensors_durably, write_json_durably
-from .zoo import Zoo
+from .zoo import Zoo, refuse_partial
 
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -59,6 +59,7 @@ def export(zoo: Zoo, name: str, out: str | os.PathLike, dtype: str = "float32", 
     out = Path(out)
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}")
+    refuse_partial(zoo.path, zoo.manifest)
     entry = zoo.adapter(name)
     if out.exists() and not force:
         raise ZooError(out, "already exists; pass --force to replace it")

@@ -107,12 +107,15 @@ def merge(
     rank: int | None = None,
     alpha: float | None = None,
     device: str = "auto",
+    shard: tuple[int, int] | None = None,
     progress: Progress | None = None,
 ) -> Zoo:
     """Compress the adapters named by ``sources`` into a new zoo at ``zoo``.
 
     Everything is validated and computed into a hidden temporary directory beside the target,
     which is renamed into place only when complete: on any error nothing is left behind.
+    ``shard=(i, n)`` (1 ≤ i ≤ n) computes only every n-th module, starting with the i-th, into a
+    partial zoo; ``combine`` joins the n parts into the zoo an unsharded merge writes.
     """
     sources = list(sources)
     if k is not None and energy is not None:
@@ -132,6 +135,11 @@ def merge(
     check_target(target, force)
     adapters = find_adapters(sources, rank=rank, alpha=alpha)
     shapes = module_shapes(adapters)
+    if shard is not None:
+        index, count = shard
+        if not 1 <= index <= count:
+            raise ValueError(f"--shard {index}/{count}: need 1 <= I <= N")
+        shapes = {m: shape for j, (m, shape) in enumerate(shapes.items()) if j % count == index - 1}
     base_model = base_model_of(adapters)
     store_name = storage_dtype(adapters, dtype)
     store = STORE_DTYPES[store_name]
@@ -140,7 +148,10 @@ def merge(
     staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        manifest = _build(adapters, shapes, rule, method, sweeps, p, store, staging, progress, compute_on)
+        with_extras = shard is None or shard[0] == 1  # heads go with the first part only
+        manifest = _build(adapters, shapes, rule, method, sweeps, p, store, staging, progress, compute_on, with_extras)
+        if shard is not None:
+            manifest["shard"] = {"index": shard[0], "count": shard[1]}
         manifest.update(
             base_model=base_model,
             method=method,
@@ -151,7 +162,7 @@ def merge(
         )
         write_json_durably(staging / MANIFEST, manifest)
         fsync_dir(staging)
-        _publish(staging, target)
+        publish(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -175,7 +186,7 @@ def _load(holders: list[Adapter], module: str) -> list[tuple[torch.Tensor, torch
     return [a.factors(module, None) for a in holders]
 
 
-def _build(adapters, shapes, rule, method, sweeps, p, store, staging: Path, progress, device) -> dict:
+def _build(adapters, shapes, rule, method, sweeps, p, store, staging: Path, progress, device, with_extras=True) -> dict:
     """Compute every module (reading the next one while this one computes), then write the files."""
     cores: dict[str, dict[str, torch.Tensor]] = {a.name: {} for a in adapters}
     entries = {a.name: _adapter_entry(a) for a in adapters}
@@ -198,7 +209,11 @@ def _build(adapters, shapes, rule, method, sweeps, p, store, staging: Path, prog
                 progress(i + 1, len(order), module)
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
-    return _write_zoo_files(adapters, basis, modules, cores, entries, staging)
+    extras = {a.name: (a.extra_tensors if with_extras else dict) for a in adapters}
+    if not with_extras:
+        for entry in entries.values():
+            entry["extras"], entry["bytes_extras"] = [], 0
+    return write_zoo_files([a.name for a in adapters], basis, modules, cores, entries, extras, staging)
 
 
 def _compress_loaded(module, holders, factors, rule, method, sweeps, p, store, device) -> ModuleResult:
@@ -228,17 +243,22 @@ def _collect(module, n, d, holders, result, basis, modules, cores, entries) -> N
         }
 
 
-def _write_zoo_files(adapters, basis, modules, cores, entries, staging: Path) -> dict:
+def write_zoo_files(names, basis, modules, cores, entries, extras, staging: Path) -> dict:
+    """Basis and per-adapter files into ``staging``; returns the manifest naming them.
+
+    ``extras`` maps a name to a loader of that adapter's non-LoRA tensors (read only now, one
+    adapter at a time, so heads never pile up in memory).
+    """
     save_tensors_durably(staging / "basis.safetensors", basis, {"format": "pt", "sharecompress": "basis"})
     (staging / "adapters").mkdir()
     used: set[str] = set()
-    for adapter in adapters:
-        stem = safe_name(adapter.name)
+    for name in names:
+        stem = safe_name(name)
         while stem.lower() in used:
             stem += "_"
         used.add(stem.lower())
-        entry = entries[adapter.name]
-        entry.update(write_adapter_files(staging, f"adapters/{stem}", cores[adapter.name], adapter.extra_tensors()))
+        entry = entries[name]
+        entry.update(write_adapter_files(staging, f"adapters/{stem}", cores[name], extras[name]()))
         finish_adapter_entry(entry)
     fsync_dir(staging / "adapters")
     return {
@@ -251,7 +271,7 @@ def _write_zoo_files(adapters, basis, modules, cores, entries, staging: Path) ->
         "basis_file": "basis.safetensors",
         "basis_sha256": file_sha256(staging / "basis.safetensors"),
         "modules": modules,
-        "adapters": [entries[a.name] for a in adapters],
+        "adapters": [entries[name] for name in names],
     }
 
 
@@ -336,7 +356,7 @@ def _module_entry(result: ModuleResult, n: int, d: int) -> dict:
     }
 
 
-def _publish(staging: Path, target: Path) -> None:
+def publish(staging: Path, target: Path) -> None:
     """Rename the finished staging directory into place (replacing an old zoo under --force)."""
     old = None
     if target.exists():

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .storage import WriterLock, fsync_dir, write_json_durably
-from .zoo import MANIFEST, read_manifest
+from .zoo import MANIFEST, read_manifest, refuse_partial
 
 PAUSE_ENV = "SHARECOMPRESS_PAUSE_AT"
 
@@ -56,7 +56,7 @@ class Transaction:
 
     def __init__(self, zoo: Path, lock_timeout: float = 30.0) -> None:
         self.zoo = Path(zoo)
-        read_manifest(self.zoo)  # a clear error before anything is locked or written
+        refuse_partial(self.zoo, read_manifest(self.zoo))  # a clear error before anything is locked
         self._lock = WriterLock(self.zoo, lock_timeout)
         self.manifest: dict = {}
         self.committed = False

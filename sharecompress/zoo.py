@@ -55,6 +55,13 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def refuse_partial(path: Path, manifest: dict) -> None:
+    """Writers and export need a whole zoo, not one part of a sharded merge."""
+    shard = manifest.get("shard")
+    if shard:
+        raise ZooError(path, f"a partial zoo (shard {shard['index']}/{shard['count']}): join the parts with `sharecompress combine` first")
+
+
 class Zoo:
     """An open zoo: its manifest, and lazy access to bases and coefficients."""
 

@@ -1,0 +1,81 @@
+"""``combine``: join the partial zoos of a sharded merge (``merge --shard I/N``) into one zoo.
+
+Modules are independent, so the parts' bases and cores are simply gathered; the result is
+the zoo an unsharded merge writes (tested byte for byte on the tensors).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+from .errors import ZooError
+from .merge import check_target, publish, write_zoo_files
+from .storage import fsync_dir, write_json_durably
+from .zoo import MANIFEST, Zoo
+
+_SAME = ("method", "k_rule", "sweeps", "p", "dtype", "base_model")
+
+
+def combine(parts: Iterable[str | os.PathLike], zoo: str | os.PathLike, force: bool = False) -> Zoo:
+    target = Path(zoo)
+    check_target(target, force)
+    opened = [Zoo.open(p) for p in parts]
+    if not opened:
+        raise ValueError("name the partial zoos to combine")
+    first = opened[0]
+    for part in opened:
+        if "shard" not in part.manifest:
+            raise ZooError(part.path, "not a partial zoo (it was not written by merge --shard)")
+    count = first.manifest["shard"]["count"]
+    indices = sorted(p.manifest["shard"]["index"] for p in opened)
+    if any(p.manifest["shard"]["count"] != count for p in opened) or indices != list(range(1, count + 1)):
+        raise ZooError(first.path, f"the parts must be shards 1..{count} of one merge, each once; got {indices}")
+    names = first.names
+    for part in opened[1:]:
+        if part.names != names or [a["sha256"] for a in part.adapters] != [a["sha256"] for a in first.adapters]:
+            raise ZooError(part.path, f"holds other adapters than {first.path}")
+        for key in _SAME:
+            if part.manifest.get(key) != first.manifest.get(key):
+                raise ZooError(part.path, f"was merged with another {key} than {first.path}")
+
+    basis, modules, cores = {}, {}, {name: {} for name in names}
+    entries = {e["name"]: copy.deepcopy(e) for e in first.adapters}
+    extras_from: dict[str, Zoo] = {}
+    for part in opened:
+        for module, (U, V) in part.bases().items():
+            basis[f"{module}.U"], basis[f"{module}.V"] = U, V
+        modules.update(part.modules)
+        for entry in part.adapters:
+            name = entry["name"]
+            for module, (E, F) in part.cores(name).items():
+                cores[name][f"{module}.E"], cores[name][f"{module}.F"] = E, F
+            entries[name]["modules"].update(entry["modules"])
+            if entry.get("extras_file"):
+                extras_from[name] = part
+                entries[name]["extras"], entries[name]["bytes_extras"] = entry["extras"], entry["bytes_extras"]
+    modules = dict(sorted(modules.items()))
+    for entry in entries.values():
+        entry["modules"] = dict(sorted(entry["modules"].items()))
+        for key in ("file", "file_sha256", "extras_file", "extras_sha256"):
+            entry.pop(key, None)
+    extras = {name: (lambda n=name: extras_from[n].extras(n) if n in extras_from else {}) for name in names}
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        manifest = write_zoo_files(names, basis, modules, cores, entries, extras, staging)
+        manifest.update({key: first.manifest.get(key) for key in _SAME})
+        manifest["combined_from"] = count
+        write_json_durably(staging / MANIFEST, manifest)
+        fsync_dir(staging)
+        publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Zoo.open(target)
