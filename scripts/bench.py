@@ -133,7 +133,7 @@ def main() -> None:
         ls["relative_error"] = json.loads(run([sys.executable, "-c", LORASHARE_ERROR, str(rec), *sources])["stdout"])["relative_error"]
         rows["lorashare 0.1.3 compress (same zoo, same k)"] = ls
 
-    print(f"\n| run | wall s | peak MB | relative error |\n|---|---:|---:|---:|")
+    print("\n| run | wall s | peak MB | relative error |\n|---|---:|---:|---:|")
     for name, r in rows.items():
         err = f"{r['relative_error']:.4f}" if "relative_error" in r else "—"
         print(f"| {name} | {r['wall_s']:.2f} | {r['peak_mb']:.0f} | {err} |")

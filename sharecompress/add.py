@@ -77,7 +77,6 @@ def fold_module(
     p: int | None, store: torch.dtype,
 ):
     """New (U', V'), the re-projected old cores with their exact drift², the new core and its exact error."""
-    n, d = B.shape[0], A.shape[1]
     U64, V64 = U.to(f64), V.to(f64)
     QU, QV = _orth(U64, B), _orth(V64, A.T)
     names = list(old)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import torch
 
 from . import linalg
 from .errors import InputError

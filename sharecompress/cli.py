@@ -7,7 +7,6 @@ the user's input become one line on stderr and exit code 2; ``--max-error`` gate
 from __future__ import annotations
 
 import json
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Iterable
 
 from .errors import ZooError
-from .merge import check_target, publish, write_zoo_files
-from .storage import fsync_dir, write_json_durably
+from .merge import check_target, write_zoo_files
+from .storage import staged_directory, write_json_durably
 from .zoo import MANIFEST, Zoo
 
 _SAME = ("method", "k_rule", "sweeps", "p", "dtype", "base_model")
@@ -65,17 +63,9 @@ def combine(parts: Iterable[str | os.PathLike], zoo: str | os.PathLike, force: b
             entry.pop(key, None)
     extras = {name: (lambda n=name: extras_from[n].extras(n) if n in extras_from else {}) for name in names}
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with staged_directory(target) as staging:
         manifest = write_zoo_files(names, basis, modules, cores, entries, extras, staging)
         manifest.update({key: first.manifest.get(key) for key in _SAME})
         manifest["combined_from"] = count
         write_json_durably(staging / MANIFEST, manifest)
-        fsync_dir(staging)
-        publish(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return Zoo.open(target)

@@ -8,14 +8,12 @@ adapter's largest p, so the adapter has one r (which every serving engine reads)
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
 from .errors import ZooError
-from .storage import fsync_dir, save_tensors_durably, write_json_durably
+from .storage import save_tensors_durably, staged_directory, write_json_durably
 from .zoo import Zoo, refuse_partial
 
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -64,17 +62,7 @@ def export(zoo: Zoo, name: str, out: str | os.PathLike, dtype: str = "float32", 
     if out.exists() and not force:
         raise ZooError(out, "already exists; pass --force to replace it")
     tensors, r = adapter_tensors(zoo, name, EXPORT_DTYPES[dtype])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with staged_directory(out) as staging:
         save_tensors_durably(staging / "adapter_model.safetensors", tensors, {"format": "pt"})
         write_json_durably(staging / "adapter_config.json", exported_config(entry, zoo.manifest.get("base_model"), r))
-        fsync_dir(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

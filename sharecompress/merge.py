@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import shutil
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
@@ -17,7 +15,7 @@ from .adapter import Adapter
 from .compress import METHODS, KRule, ModuleResult, compress_module
 from .errors import InputError, ZooError
 from .readers import find_adapters
-from .storage import file_sha256, fsync_dir, safe_name, save_tensors_durably, write_json_durably
+from .storage import file_sha256, fsync_dir, safe_name, save_tensors_durably, staged_directory, write_json_durably
 from .zoo import DEFAULT_ZOO, FORMAT, FORMAT_VERSION, MANIFEST, Zoo
 
 DEFAULT_ENERGY = 0.99
@@ -144,10 +142,7 @@ def merge(
     store_name = storage_dtype(adapters, dtype)
     store = STORE_DTYPES[store_name]
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with staged_directory(target) as staging:
         with_extras = shard is None or shard[0] == 1  # heads go with the first part only
         manifest = _build(adapters, shapes, rule, method, sweeps, p, store, staging, progress, compute_on, with_extras)
         if shard is not None:
@@ -161,11 +156,6 @@ def merge(
             dtype=store_name,
         )
         write_json_durably(staging / MANIFEST, manifest)
-        fsync_dir(staging)
-        publish(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return Zoo.open(target)
 
 
@@ -354,15 +344,3 @@ def _module_entry(result: ModuleResult, n: int, d: int) -> dict:
         "energy_curve": [round(x, 7) for x in curve],
         "sweeps": result.sweeps_done,
     }
-
-
-def publish(staging: Path, target: Path) -> None:
-    """Rename the finished staging directory into place (replacing an old zoo under --force)."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
-    os.rename(staging, target)
-    fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

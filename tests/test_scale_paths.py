@@ -1,13 +1,12 @@
 """Streaming, sharding and the sketched path change no result (CPU only)."""
 
-import json
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 import sharecompress
-from sharecompress import Zoo, linalg
+from sharecompress import Zoo
 from sharecompress.cli import app
 
 from factories import planted_basis, random_factors, write_peft_adapter
