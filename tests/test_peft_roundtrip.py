@@ -70,3 +70,15 @@ def test_lossy_export_error_equals_the_report(tmp_path):
         norm2 += float((delta**2).sum())
     assert entry["relative_error"] > 0.01
     assert entry["relative_error"] == pytest.approx(math.sqrt(err2 / norm2), rel=1e-5)
+
+
+def test_incremental_adds_on_the_real_adapters_end_close_to_a_full_merge(tmp_path):
+    """merge(first half) then add(second half, one at a time) vs merge(all), same k (issue: within 5%)."""
+    half = len(SOURCES) // 2
+    full = sharecompress.merge(SOURCES, tmp_path / "full", k=16).report()["relative_error"]
+    zoo = sharecompress.merge(SOURCES[:half], tmp_path / "inc", k=16)
+    for source in SOURCES[half:]:
+        zoo.add([source])
+    incremental = zoo.report(against=SOURCES)["relative_error"]
+    assert full > 0.05  # lossy at k = 16: the comparison means something
+    assert incremental <= 1.05 * full, (incremental, full)
