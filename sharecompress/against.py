@@ -12,13 +12,17 @@ from .zoo import Zoo
 
 
 def measure_against(zoo: Zoo, sources: Iterable[str]) -> dict[str, dict[str, tuple[float, float]]]:
-    """{adapter: {module: (err², ‖ΔW‖²)}} for each source adapter, matched to the zoo by name."""
-    originals = find_adapters(list(sources))
+    """{adapter: {module: (err², ‖ΔW‖²)}} for each source adapter that the zoo holds (by name).
+
+    Sources the zoo does not hold are passed over, so a directory of originals can be given.
+    """
+    sources = list(sources)
+    originals = [a for a in find_adapters(sources) if a.name in zoo.names]  # others: not in this zoo
+    if not originals:
+        raise InputError(" ".join(sources), f"none of these adapters is in the zoo {zoo.path} (matched by name)")
     bases = zoo.bases()
     measured: dict[str, dict[str, tuple[float, float]]] = {}
     for original in originals:
-        if original.name not in zoo.names:
-            raise InputError(original.source, f"no adapter named {original.name!r} in the zoo {zoo.path}")
         entry = zoo.adapter(original.name)
         if set(original.modules) != set(entry["modules"]):
             raise InputError(original.source, f"its modules differ from those stored for {original.name!r}")

@@ -164,7 +164,7 @@ def report(
     zoo: Path = ZooOption,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     max_error: Optional[float] = typer.Option(None, "--max-error", help="Exit 1 when any adapter's relative error is above this."),
-    against: Optional[List[str]] = typer.Option(None, "--against", help="Original adapters: recompute their errors exactly."),
+    against: Optional[List[str]] = typer.Option(None, "--against", help="Original adapters (repeatable; a directory of them works): recompute their errors exactly."),
 ) -> None:
     """Exact reconstruction error and bytes, per adapter and for the zoo."""
     from .report import render
