@@ -14,7 +14,8 @@ lossy compression).  Three mechanisms provide that graded difficulty:
 * **graded magnitudes** -- numbers, clock times, object sizes and sentiment
   intensities, where pairs close to the decision boundary are hard;
 * **structure and ambiguity** -- negation scope, main vs. subordinate clause,
-  before/after ordering, polysemous words ("the batter", "the crane").
+  active vs. passive voice, before/after ordering, polysemous words ("the batter",
+  "the server", "the chips").
 
 On top of that a small fraction of labels is flipped at random (``LABEL_NOISE``;
 pass ``label_noise=0.0`` for clean labels).
@@ -366,6 +367,51 @@ def _gen_size_compare(rng: random.Random):
 
 
 # ---------------------------------------------------------------------------
+# task 4b: who_did -- does the first- or the second-named person act?
+# ---------------------------------------------------------------------------
+
+PLACES = ["the park", "the station", "the office", "the market", "the library",
+          "the river", "the school", "the harbor"]
+_WHO_VERBS = [  # (past, past participle, -ing); common -> rare
+    ("helped", "helped", "helping"), ("called", "called", "calling"),
+    ("thanked", "thanked", "thanking"), ("pushed", "pushed", "pushing"),
+    ("visited", "visited", "visiting"), ("praised", "praised", "praising"),
+    ("saw", "seen", "seeing"), ("blamed", "blamed", "blaming"),
+    ("warned", "warned", "warning"), ("took", "taken", "taking"),
+    ("hugged", "hugged", "hugging"), ("bit", "bitten", "biting"),
+    ("shook", "shaken", "shaking"), ("interviewed", "interviewed", "interviewing"),
+    ("forgave", "forgiven", "forgiving"), ("overtook", "overtaken", "overtaking"),
+    ("outran", "outrun", "outrunning"), ("forbade", "forbidden", "forbidding"),
+    ("beheld", "beheld", "beholding"), ("forsook", "forsaken", "forsaking"),
+    ("smote", "smitten", "smiting"), ("slew", "slain", "slaying"),
+    ("besought", "besought", "beseeching"), ("bade", "bidden", "bidding"),
+    ("chid", "chidden", "chiding"),
+]
+
+
+def _gen_who_did(rng: random.Random):
+    a, b = rng.sample(NAMES, 2)
+    verb, part, ing = _zipf(rng, _WHO_VERBS, 0.9)
+    place = _pick(rng, PLACES)
+    # label 0: the first-named person performs the action; 1: the second-named one
+    forms = [
+        (f"{a} {verb} {b}.", 0),
+        (f"{a} {verb} {b} by {place}.", 0),            # "by" that is not an agent
+        (f"{a} was {part} by {b}.", 1),
+        (f"{a} was {part} by {b} at {place}.", 1),
+        (f"It was {a} who {verb} {b}.", 0),
+        (f"It was {a} whom {b} {verb}.", 1),
+        (f"{a} was the one who {verb} {b}.", 0),
+        (f"{a} was the one {b} {verb}.", 1),
+        (f"{a} got {part} by {b}.", 1),
+        (f"{a} was {ing} {b} by {place}.", 0),         # active progressive with "was"
+        (f"{a}, {part} by {b}, left early.", 1),       # reduced passive
+        (f"{_cap(part)} by {a}, {b} left early.", 0),  # fronted reduced passive
+    ]
+    return _pick(rng, forms)
+
+
+# ---------------------------------------------------------------------------
 # task 5: number_compare -- who has more, numbers written as words
 # ---------------------------------------------------------------------------
 
@@ -554,6 +600,7 @@ _GENERATORS: dict[str, tuple[int, Callable[[random.Random], tuple[str, int]], li
     "topic4": (4, _gen_topic4, ["sports", "food", "technology", "weather"]),
     "sentiment_negation": (2, _gen_sentiment_negation, ["negative", "positive"]),
     "animal_tool": (4, _gen_animal_tool, ["neither", "animal", "tool", "both"]),
+    "who_did": (2, _gen_who_did, ["first_named_acts", "second_named_acts"]),
     "size_compare": (2, _gen_size_compare, ["first_bigger", "second_bigger"]),
     "number_compare": (2, _gen_number_compare, ["first_has_more", "second_has_more"]),
     "verb_tense": (3, _gen_verb_tense, ["past", "present", "future"]),
