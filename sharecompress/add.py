@@ -19,7 +19,7 @@ from .adapter import Adapter
 from .compress import KRule, module_bases, pad_stack
 from .errors import InputError
 from .merge import (
-    STORE_DTYPES, _adapter_entry, _model_key, finish_adapter_entry, module_bound2, now, write_adapter_files,
+    STORE_DTYPES, _adapter_entry, _model_key, finish_adapter_entry, now, refresh_module_stats, write_adapter_files,
 )
 from .readers import find_adapters
 from .storage import safe_name, save_tensors_durably, file_sha256
@@ -174,12 +174,7 @@ def add(
             manifest["adapters"].append(entry)
 
         _write_generation(tx, manifest, bases, cores, {a.name: a for a in adapters})
-        for module, info in manifest["modules"].items():
-            holders = [e["modules"][module] for e in manifest["adapters"] if module in e["modules"]]
-            total = sum(m["norm2"] for m in holders)
-            info["energy_kept"] = 1.0 - sum(module_bound2(m) for m in holders) / total if total > 0 else 1.0
-            info["energy_total"] = total
-            info["adapters"] = len(holders)
+        refresh_module_stats(manifest)
         manifest["updated"] = now()
         tx.commit(manifest)
     norms = {e["name"]: e["norm2"] for e in manifest["adapters"]}

@@ -21,9 +21,6 @@ class KRule:
     k_min: tuple[int, int] = (1, 1)  # per side (U, V): an add never shrinks a module's k
     k_max: tuple[int, int] | None = None  # per side: `add --grow off` holds k where it is
 
-    def describe(self) -> str:
-        return f"k={self.k}" if self.k is not None else f"energy={self.energy}"
-
 
 @dataclass
 class AdapterCore:

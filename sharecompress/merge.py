@@ -316,6 +316,16 @@ def finish_adapter_entry(entry: dict) -> None:
     entry["exact"] = all(m.get("drift", 0.0) == 0.0 for m in mods)
 
 
+def refresh_module_stats(manifest: dict) -> None:
+    """Each module's adapter count, total energy and energy kept, from its adapters' entries."""
+    for module, info in manifest["modules"].items():
+        holders = [e["modules"][module] for e in manifest["adapters"] if module in e["modules"]]
+        total = sum(m["norm2"] for m in holders)
+        info["adapters"] = len(holders)
+        info["energy_total"] = total
+        info["energy_kept"] = 1.0 - sum(module_bound2(m) for m in holders) / total if total > 0 else 1.0
+
+
 def module_bound2(module: dict) -> float:
     """Squared upper bound on a module's error: (sqrt(err²) + accumulated drift)²."""
     return (module["err2"] ** 0.5 + module.get("drift", 0.0)) ** 2

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import ZooError
-from .merge import module_bound2, now
+from .merge import now, refresh_module_stats
 from .transaction import Transaction
 
 
@@ -20,10 +20,6 @@ def remove(zoo_path: str | Path, names: Iterable[str]) -> None:
         if missing:
             raise ZooError(zoo_path, f"no adapter named {missing[0]!r} in this zoo (it has: {', '.join(sorted(known))})")
         manifest["adapters"] = [e for e in manifest["adapters"] if e["name"] not in names]
-        for module, info in manifest["modules"].items():
-            holders = [e["modules"][module] for e in manifest["adapters"] if module in e["modules"]]
-            total = sum(m["norm2"] for m in holders)
-            info["adapters"] = len(holders)
-            info["energy_kept"] = 1.0 - sum(module_bound2(m) for m in holders) / total if total > 0 else 1.0
+        refresh_module_stats(manifest)
         manifest["updated"] = now()
         tx.commit(manifest)
