@@ -6,6 +6,10 @@ outside with its peak memory taken from the kernel's accounting of that process 
 Errors are relative ‖ΔW − ΔŴ‖_F over the whole zoo, measured exactly from factors.
 
     python scripts/bench.py --adapters 128 --layers 8 --hidden 1024 --rank 16 -k 32
+    python scripts/bench.py --curve 64,128,256,512 --layers 8 --hidden 1024 --rank 16 -k 32
+
+``--curve`` measures only the read floor and merge, on the first N adapters of one zoo for
+each N, and prints each one's cost per adapter: it should stay flat as the zoo grows.
 """
 
 from __future__ import annotations
@@ -95,7 +99,10 @@ def main() -> None:
     ap.add_argument("--baseline-modules", type=int, default=4)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--no-lorashare", action="store_true")
+    ap.add_argument("--curve", default=None, help="comma-separated zoo sizes: cost per adapter as the zoo grows")
     args = ap.parse_args()
+    if args.curve:
+        return cost_curve(args, [int(x) for x in args.curve.split(",")])
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="sharebench-"))
     zoo_src = work / f"zoo-{args.adapters}x{args.layers}x{args.hidden}-r{args.rank}"
@@ -146,6 +153,24 @@ def main() -> None:
         ls = rows["lorashare 0.1.3 compress (same zoo, same k)"]
         print(f"lorashare / merge: {ls['wall_s'] / merge['wall_s']:.2f}× time, "
               f"{ls['peak_mb'] / merge['peak_mb']:.2f}× peak memory, error {ls['relative_error']:.4f} vs {merge['relative_error']:.4f}")
+
+
+def cost_curve(args, sizes: list[int]) -> None:
+    """Read floor and merge on the first N adapters of one zoo, for each N."""
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="sharebench-"))
+    zoo_src = work / f"zoo-{max(sizes)}x{args.layers}x{args.hidden}-r{args.rank}"
+    if not zoo_src.exists():
+        generate(zoo_src, max(sizes), module_shapes(args.layers, args.hidden, None, ["q_proj", "k_proj", "v_proj", "o_proj"]), args.rank)
+    every = sorted(str(p) for p in zoo_src.iterdir())
+    print(f"{args.layers * 4} modules of {args.hidden}×{args.hidden}, rank {args.rank}, fp16; k = {args.k}; {os.cpu_count()} cores")
+    print("\n| adapters | read floor s | merge s | merge ms / adapter | merge / floor | peak MB | relative error |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for size in sizes:
+        sources = every[:size]
+        floor = run([sys.executable, "-c", READ_FLOOR, *sources])
+        merge = sharecompress_merge(sources, work / f"zoo-curve-{size}", args.k)
+        print(f"| {size} | {floor['wall_s']:.2f} | {merge['wall_s']:.2f} | {1000 * merge['wall_s'] / size:.1f} | "
+              f"{merge['wall_s'] / floor['wall_s']:.2f}× | {merge['peak_mb']:.0f} | {merge['relative_error']:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

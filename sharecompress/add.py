@@ -36,17 +36,47 @@ def _orth(first: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
     return q[:, : min(both.shape[0], both.shape[1])]
 
 
-def _pair_drift2(E, F, E2, F2, GU, GV) -> float:
-    """‖U E F Vᵀ − U' E' F' V'ᵀ‖² from the basis Grams GU = {uu, uu2, u2u2} and GV likewise."""
+def _pad_cores(cores: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Stack cores (E k×p_t, F p_t×k) in float64, zero-padded to the largest p; E·F is unchanged."""
+    E, F = pad_stack([(e.to(f64), f.to(f64)) for e, f in cores])
+    return E, F, [e.shape[1] for e, _ in cores]
+
+
+def reproject(
+    E: torch.Tensor, F: torch.Tensor, ps: list[int], GU: tuple, GV: tuple, p: int | None, store: torch.dtype
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Every old core on the new bases, rounded to ``store``, and its exact drift², batched.
+
+    E (T, k, p), F (T, p, k) zero-padded; GU = (UᵀU, UᵀU', U'ᵀU') and GV likewise. The new
+    core is the projection (U'ᵀU E)(F VᵀV'), cut by its SVD to p where p is set; the drift is
+    ‖U E F Vᵀ − U' E' F' V'ᵀ‖² = trace((XᵀX)(YYᵀ)) with X = [U E | −U' E'], Y = [F Vᵀ ; F' V'ᵀ].
+    """
+    P, Q = GU[1].mT @ E, F @ GV[1]
+    ku2, kv2 = P.shape[1], Q.shape[2]
+    keeps = [min(pt, ku2, kv2, pt if p is None else p) for pt in ps]
+    E2, F2 = P.clone(), Q.clone()
+    cut = [t for t, (keep, pt) in enumerate(zip(keeps, ps)) if keep < pt]
+    if cut:
+        u, sv, vh = torch.linalg.svd(P[cut] @ Q[cut])
+        for i, t in enumerate(cut):
+            root = sv[i, : keeps[t]].sqrt()
+            E2[t].zero_()
+            F2[t].zero_()
+            E2[t, :, : keeps[t]] = u[i, :, : keeps[t]] * root
+            F2[t, : keeps[t]] = root[:, None] * vh[i, : keeps[t]]
+    E2, F2 = E2.to(store), F2.to(store)
+    E2_64, F2_64 = E2.to(f64), F2.to(f64)
     XtX = torch.cat([
-        torch.cat([E.T @ GU[0] @ E, -(E.T @ GU[1] @ E2)], dim=1),
-        torch.cat([-(E2.T @ GU[1].T @ E), E2.T @ GU[2] @ E2], dim=1),
-    ])
+        torch.cat([E.mT @ GU[0] @ E, -(E.mT @ GU[1] @ E2_64)], dim=2),
+        torch.cat([-(E2_64.mT @ GU[1].T @ E), E2_64.mT @ GU[2] @ E2_64], dim=2),
+    ], dim=1)
     YYt = torch.cat([
-        torch.cat([F @ GV[0] @ F.T, F @ GV[1] @ F2.T], dim=1),
-        torch.cat([F2 @ GV[1].T @ F.T, F2 @ GV[2] @ F2.T], dim=1),
-    ])
-    return linalg.gram_error2(XtX, YYt)
+        torch.cat([F @ GV[0] @ F.mT, F @ GV[1] @ F2_64.mT], dim=2),
+        torch.cat([F2_64 @ GV[1].T @ F.mT, F2_64 @ GV[2] @ F2_64.mT], dim=2),
+    ], dim=1)
+    drift2 = (XtX * YYt).sum(dim=(1, 2)).clamp_min(0.0)
+    moved = [(E2[t, :, :keep].contiguous(), F2[t, :keep].contiguous()) for t, keep in enumerate(keeps)]
+    return moved, drift2
 
 
 def check_new(manifest: dict, adapters: list[Adapter]) -> None:
@@ -76,16 +106,26 @@ def fold_module(
     B: torch.Tensor, A: torch.Tensor, scale: float, rule: KRule, method: str, sweeps: int,
     p: int | None, store: torch.dtype,
 ):
-    """New (U', V'), the re-projected old cores with their exact drift², the new core and its exact error."""
+    """New (U', V'), the re-projected old cores with their exact drift², the new core and its exact error.
+
+    Batched over the old adapters: their cores are one zero-padded stack throughout.
+    """
     U64, V64 = U.to(f64), V.to(f64)
+    B, A = B.to(f64), A.to(f64)
     QU, QV = _orth(U64, B), _orth(V64, A.T)
     names = list(old)
-    small = [((QU.T @ U64) @ old[t][0].to(f64), old[t][1].to(f64) @ (V64.T @ QV)) for t in names]
-    small.append((QU.T @ B, A @ QV))
-    scales = [1.0] * len(names) + [scale]
-    Bs, As = pad_stack(small)
-    total_rank = sum(b.shape[1] for b, _ in small)
-    Us, Vs, curve, done = module_bases(Bs, As, torch.tensor(scales, dtype=f64), rule, method, sweeps, total_rank)
+    E, F, ps = _pad_cores([old[t] for t in names]) if names else (None, None, [])
+    width = max([B.shape[1], *ps])
+    Bs = torch.zeros(len(names) + 1, QU.shape[1], width, dtype=f64)
+    As = torch.zeros(len(names) + 1, width, QV.shape[1], dtype=f64)
+    if names:
+        Bs[:-1, :, : E.shape[2]] = (QU.T @ U64) @ E
+        As[:-1, : F.shape[1]] = F @ (V64.T @ QV)
+    Bs[-1, :, : B.shape[1]] = QU.T @ B
+    As[-1, : A.shape[0]] = A @ QV
+    scales = torch.tensor([1.0] * len(names) + [scale], dtype=f64)
+    total_rank = sum(ps) + B.shape[1]
+    Us, Vs, curve, done = module_bases(Bs, As, scales, rule, method, sweeps, total_rank)
     # module_bases caps k by the small problem's size; the full problem's cap is min(n, d, Σ ranks).
     U2 = (QU @ Us).to(store).contiguous()
     V2 = (QV @ Vs).to(store).contiguous()
@@ -93,13 +133,10 @@ def fold_module(
     GU = (U64.T @ U64, U64.T @ U2_64, U2_64.T @ U2_64)
     GV = (V64.T @ V64, V64.T @ V2_64, V2_64.T @ V2_64)
     cores, drifts = {}, {}
-    for t in names:
-        E, F = old[t][0].to(f64), old[t][1].to(f64)
-        keep = E.shape[1] if p is None else min(E.shape[1], p)
-        E2, F2 = linalg.core_from_projections(GU[1].T @ E, F @ GV[1], 1.0, min(keep, U2.shape[1], V2.shape[1]))
-        E2, F2 = E2.to(store).contiguous(), F2.to(store).contiguous()
-        cores[t] = (E2, F2)
-        drifts[t] = _pair_drift2(E, F, E2.to(f64), F2.to(f64), GU, GV)
+    if names:
+        moved, drift2 = reproject(E, F, ps, GU, GV, p, store)
+        cores = dict(zip(names, moved))
+        drifts = {t: float(v) for t, v in zip(names, drift2)}
     keep = min(B.shape[1], U2.shape[1], V2.shape[1], p if p is not None else B.shape[1])
     E_new, F_new = linalg.core_factors(U2_64, V2_64, B, A, scale, keep)
     E_new, F_new = E_new.to(store).contiguous(), F_new.to(store).contiguous()

@@ -110,8 +110,33 @@ def _solve(B, A, s, rule, method, sweeps, caps, totals=None):
     return U, V, curve, done
 
 
+def sketch_width(rule: KRule) -> int:
+    """Working-subspace width of a module's first sketch (grows only if an energy target needs it)."""
+    want = rule.k if rule.k is not None else max(32, *rule.k_min)
+    return want + SKETCH_EXTRA
+
+
+def needs_sketch(n: int, d: int, total_rank: int, method: str) -> bool:
+    """Whether a module is too large for exact solves on its factors (see ``module_bases``)."""
+    return method != "paper" and min(n, d, total_rank) > linalg.EXACT_LIMIT
+
+
+def sketch(
+    B: torch.Tensor, A: torch.Tensor, s: torch.Tensor, widths: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W_U, W_V, Σ‖ΔW_t‖²): randomized working bases for one module or a batch of G.
+
+    Takes ``B (…, T, n, r)``, ``A (…, T, r, d)``, ``s (…, T)``: a batch of same-shape modules
+    is one batched call, and each module's result equals what it would get alone.
+    """
+    Xu, Xv = linalg.left_blocks(B, A, s), linalg.right_blocks(B, A, s)
+    total = Xu.pow(2).sum(dim=(-3, -2, -1), dtype=torch.float64)  # the same for both stacks
+    return linalg.range_basis(Xu, widths[0], POWER_ITERS), linalg.range_basis(Xv, widths[1], POWER_ITERS), total
+
+
 def module_bases(
-    B: torch.Tensor, A: torch.Tensor, s: torch.Tensor, rule: KRule, method: str, sweeps: int, total_rank: int
+    B: torch.Tensor, A: torch.Tensor, s: torch.Tensor, rule: KRule, method: str, sweeps: int, total_rank: int,
+    sketched: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(U, V, left energy curve as shares of the total, sweeps done) for one module; bases float64.
 
@@ -121,7 +146,8 @@ def module_bases(
     W_U, W_V of width k + 32 holding the leading directions, and the whole problem, refinement
     included, is solved exactly on the factors projected there (W_Uᵀ B_t, A_t W_V). An energy
     target that the sketch cannot reach doubles its width. The errors reported later are exact
-    whatever found the bases.
+    whatever found the bases. ``sketched`` is this module's first sketch when a batched
+    ``sketch`` call already made it.
     """
     n, d = B.shape[1], A.shape[2]
     caps = (min(n, total_rank), min(d, total_rank))  # each stack's largest rank: k there is lossless
@@ -129,22 +155,21 @@ def module_bases(
         raise ValueError(f"unknown method {method!r}")
     work = torch.float64 if B.dtype == torch.float64 else torch.float32
     B, A, s = B.to(work), A.to(work), s.to(work)
-    if min(n, d, total_rank) <= linalg.EXACT_LIMIT or method == "paper":
+    if not needs_sketch(n, d, total_rank, method):
         return _solve(B, A, s, rule, method, sweeps, caps)
-    Xu, Xv = linalg.left_blocks(B, A, s), linalg.right_blocks(B, A, s)
-    total = float((Xu.pow(2)).sum(dtype=torch.float64))  # Σ‖ΔW_t‖², the same for both stacks
-    want = rule.k if rule.k is not None else max(32, *rule.k_min)
+    width = sketch_width(rule)
     while True:
-        widths = (min(caps[0], want + SKETCH_EXTRA), min(caps[1], want + SKETCH_EXTRA))
-        WU = linalg.range_basis(Xu, widths[0], POWER_ITERS)
-        WV = linalg.range_basis(Xv, widths[1], POWER_ITERS)
+        widths = (min(caps[0], width), min(caps[1], width))
+        WU, WV, total = sketched if sketched is not None else sketch(B, A, s, widths)
+        sketched = None
+        total = float(total)
         Br = WU.T.to(work) @ B
         Ar = A @ WV.to(work)
         U, V, curve, done = _solve(Br.double(), Ar.double(), s.double(), rule, method, sweeps, widths, (total, total))
         roomy = all(k <= w - SKETCH_EXTRA // 2 or w == c for k, w, c in zip((U.shape[1], V.shape[1]), widths, caps))
         if rule.k is not None or roomy:
             return WU @ U, WV @ V, curve, done
-        want = 2 * want
+        width = 2 * (width - SKETCH_EXTRA) + SKETCH_EXTRA
 
 
 def project_all(
@@ -207,13 +232,45 @@ def compress_module(
     device: torch.device | str = "cpu",
 ) -> ModuleResult:
     """Shared bases for one module and every adapter's core on them (computed on ``device``)."""
-    B, A = pad_stack(factors)
-    B, A = B.to(device), A.to(device)
-    s = torch.tensor(scales, dtype=torch.float64, device=device)
-    ranks = [b.shape[1] for b, _ in factors]
-    U, V, curve, done = module_bases(B, A, s, rule, method, sweeps, sum(ranks))
-    U_st, V_st = U.to(store).contiguous(), V.to(store).contiguous()
-    cores = project_all(U_st, V_st, B, A, s, ranks, p, store)
-    cpu = lambda t: t.cpu().contiguous()  # noqa: E731
-    cores = [AdapterCore(cpu(c.E), cpu(c.F), c.err2, c.norm2) for c in cores]
-    return ModuleResult(cpu(U_st), cpu(V_st), cores, curve.cpu(), done)
+    return compress_batch([(factors, scales)], rule, method, sweeps, p, store, device)[0]
+
+
+def compress_batch(
+    batch: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], list[float]]],
+    rule: KRule,
+    method: str = "share",
+    sweeps: int = 3,
+    p: int | None = None,
+    store: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> list[ModuleResult]:
+    """``compress_module`` for G modules of one shape held by the same adapters with the same ranks.
+
+    Their sketches — the passes over the full-size factors, which hold nearly all the
+    arithmetic — run as one batched call; what follows works on small projected factors and
+    goes module by module. Results equal G separate ``compress_module`` calls.
+    """
+    stacks = [pad_stack(factors) for factors, _ in batch]
+    ranks = [[b.shape[1] for b, _ in factors] for factors, _ in batch]
+    n, d, total_rank = stacks[0][0].shape[1], stacks[0][1].shape[2], sum(ranks[0])
+    if any(B.shape != stacks[0][0].shape or A.shape != stacks[0][1].shape for B, A in stacks) or any(r != ranks[0] for r in ranks):
+        raise ValueError("a batch holds modules of one shape whose adapters have the same ranks")
+    B = torch.stack([B for B, _ in stacks]).to(device)
+    A = torch.stack([A for _, A in stacks]).to(device)
+    s = torch.tensor([scales for _, scales in batch], dtype=torch.float64, device=device)
+    del stacks
+    sketched = None
+    if len(batch) > 1 and needs_sketch(n, d, total_rank, method):
+        work = torch.float64 if B.dtype == torch.float64 else torch.float32
+        width = sketch_width(rule)
+        sketched = sketch(B.to(work), A.to(work), s.to(work), (min(n, total_rank, width), min(d, total_rank, width)))
+    results = []
+    for g in range(len(batch)):
+        mine = None if sketched is None else tuple(t[g] for t in sketched)
+        U, V, curve, done = module_bases(B[g], A[g], s[g], rule, method, sweeps, total_rank, mine)
+        U_st, V_st = U.to(store).contiguous(), V.to(store).contiguous()
+        cores = project_all(U_st, V_st, B[g], A[g], s[g], ranks[g], p, store)
+        cpu = lambda t: t.cpu().contiguous()  # noqa: E731
+        cores = [AdapterCore(cpu(c.E), cpu(c.F), c.err2, c.norm2) for c in cores]
+        results.append(ModuleResult(cpu(U_st), cpu(V_st), cores, curve.cpu(), done))
+    return results

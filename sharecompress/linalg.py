@@ -2,6 +2,8 @@
 
 Shapes for one module with T adapters, ranks zero-padded to r (zero columns of B / rows of A
 change no ΔW): ``B (T, n, r)``, ``A (T, r, d)``, ``s (T,)``. No n × d matrix is ever formed.
+``left_blocks``, ``right_blocks``, ``flatten_blocks`` and ``range_basis`` also take a leading
+batch of G modules of one shape (``B (G, T, n, r)``, ``s (G, T)``): one batched call for all.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def left_blocks(B: torch.Tensor, A: torch.Tensor, s: torch.Tensor) -> torch.Tens
     singular subspace no longer depends on how B·A was split (gauge invariance).
     """
     R = torch.linalg.qr(A.transpose(-1, -2), mode="r")[1]
-    return s[:, None, None] * (B @ R.transpose(-1, -2))
+    return s[..., None, None] * (B @ R.transpose(-1, -2))
 
 
 def right_blocks(B: torch.Tensor, A: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -70,9 +72,9 @@ def one_thread() -> Iterator[None]:
 
 
 def flatten_blocks(X: torch.Tensor) -> torch.Tensor:
-    """(T, n, c) blocks → the n × (T·c) stack [X_1 | … | X_T]."""
-    T, n, c = X.shape
-    return X.permute(1, 0, 2).reshape(n, T * c)
+    """(…, T, n, c) blocks → the (…, n, T·c) stack [X_1 | … | X_T]."""
+    *lead, T, n, c = X.shape
+    return X.transpose(-3, -2).reshape(*lead, n, T * c)
 
 
 def top_subspace(
@@ -96,17 +98,18 @@ def top_subspace(
 def range_basis(X: torch.Tensor, width: int, power: int = 2, seed: int = 0) -> torch.Tensor:
     """Orthonormal n × width basis holding the leading left singular directions of the stack.
 
-    A randomized range finder with ``power`` power iterations, products in float32.
+    A randomized range finder with ``power`` power iterations, products in float32. A batch of
+    stacks (…, n, m) shares one random start, so each gets the basis it would get alone.
     """
     flat = flatten_blocks(X).float()
-    n, m = flat.shape
+    n, m = flat.shape[-2:]
     width = min(width, n, m)
     gen = torch.Generator().manual_seed(seed)
     Y = flat @ torch.randn(m, width, generator=gen).to(flat.device)
     for _ in range(power):
         with one_thread():
             Y = torch.linalg.qr(Y)[0]
-        Y = flat @ (flat.T @ Y)
+        Y = flat @ (flat.mT @ Y)
     with one_thread():
         return torch.linalg.qr(Y.double())[0]
 

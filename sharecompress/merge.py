@@ -12,7 +12,7 @@ import torch
 
 from . import __version__
 from .adapter import Adapter
-from .compress import METHODS, KRule, ModuleResult, compress_module
+from .compress import METHODS, KRule, ModuleResult, compress_batch
 from .errors import InputError, ZooError
 from .readers import find_adapters
 from .storage import file_sha256, fsync_dir, safe_name, save_tensors_durably, staged_directory, write_json_durably
@@ -133,18 +133,21 @@ def merge(
     check_target(target, force)
     adapters = find_adapters(sources, rank=rank, alpha=alpha)
     shapes = module_shapes(adapters)
+    batches = plan_batches(shapes, adapters)
     if shard is not None:
         index, count = shard
         if not 1 <= index <= count:
             raise ValueError(f"--shard {index}/{count}: need 1 <= I <= N")
-        shapes = {m: shape for j, (m, shape) in enumerate(shapes.items()) if j % count == index - 1}
+        batches = batches[index - 1 :: count]
+        mine = {m for batch in batches for m in batch}
+        shapes = {m: shape for m, shape in shapes.items() if m in mine}
     base_model = base_model_of(adapters)
     store_name = storage_dtype(adapters, dtype)
     store = STORE_DTYPES[store_name]
 
     with staged_directory(target) as staging:
         with_extras = shard is None or shard[0] == 1  # heads go with the first part only
-        manifest = _build(adapters, shapes, rule, method, sweeps, p, store, staging, progress, compute_on, with_extras)
+        manifest = _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging, progress, compute_on, with_extras)
         if shard is not None:
             manifest["shard"] = {"index": shard[0], "count": shard[1]}
         manifest.update(
@@ -172,43 +175,76 @@ def resolve_device(requested: str) -> torch.device:
     return device
 
 
-def _load(holders: list[Adapter], module: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [a.factors(module, None) for a in holders]
+# Bytes of float32 factors computed in one batched call. On the CPU batching saves only call
+# overhead (the arithmetic is what it is); on a GPU it fills the device with small modules.
+# One figure for every device, so that shards cut on different machines still fit together.
+BATCH_BYTES = 32 << 20
 
 
-def _build(adapters, shapes, rule, method, sweeps, p, store, staging: Path, progress, device, with_extras=True) -> dict:
-    """Compute every module (reading the next one while this one computes), then write the files."""
+def plan_batches(shapes: dict[str, tuple[int, int]], adapters: list[Adapter], budget: int | None = None) -> list[list[str]]:
+    """Modules grouped for batched compute: same shape, same adapters with the same ranks.
+
+    Each group is cut into batches of at most ``budget`` bytes of float32 factors (at least one
+    module), which, with the next batch read ahead, bounds the memory a merge needs. Shards
+    take whole batches, so a sharded merge computes exactly what the unsharded one does.
+    """
+    budget = BATCH_BYTES if budget is None else budget
+    groups: dict[tuple, list[str]] = {}
+    for module, (n, d) in shapes.items():
+        ranks = tuple((a.name, a.modules[module].rank) for a in adapters if module in a.modules)
+        groups.setdefault((n, d, ranks), []).append(module)
+    batches = []
+    for (n, d, ranks), modules in groups.items():
+        size = max(1, budget // (4 * len(ranks) * max(r for _, r in ranks) * (n + d)))
+        batches += [modules[i : i + size] for i in range(0, len(modules), size)]
+    return batches
+
+
+def _load(holders_of: dict[str, list[Adapter]], modules: list[str]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    return [[a.factors(module, None) for a in holders_of[module]] for module in modules]
+
+
+def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: Path, progress, device, with_extras=True) -> dict:
+    """Compute every batch of modules (reading the next while this one computes), then write the files."""
     cores: dict[str, dict[str, torch.Tensor]] = {a.name: {} for a in adapters}
-    entries = {a.name: _adapter_entry(a) for a in adapters}
+    entries = {a.name: _adapter_entry(a, hashed=False) for a in adapters}
     basis: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
     order = list(shapes.items())
     holders_of = {m: [a for a in adapters if m in a.modules] for m, _ in order}
     reader = ThreadPoolExecutor(max_workers=1)
+    hasher = ThreadPoolExecutor(max_workers=1)  # sources' digests, alongside the compute
+    digests = [hasher.submit(lambda a=a: a.sha256) for a in adapters]
+    done = 0
     try:
-        pending = reader.submit(_load, holders_of[order[0][0]], order[0][0]) if order else None
-        for i, (module, (n, d)) in enumerate(order):
-            factors = pending.result()
-            if i + 1 < len(order):
-                nxt = order[i + 1][0]
-                pending = reader.submit(_load, holders_of[nxt], nxt)
-            result = _compress_loaded(module, holders_of[module], factors, rule, method, sweeps, p, store, device)
-            _collect(module, n, d, holders_of[module], result, basis, modules, cores, entries)
-            del factors
-            if progress:
-                progress(i + 1, len(order), module)
-    finally:
+        pending = reader.submit(_load, holders_of, batches[0]) if batches else None
+        for i, batch in enumerate(batches):
+            loaded = pending.result()
+            if i + 1 < len(batches):
+                pending = reader.submit(_load, holders_of, batches[i + 1])
+            jobs = [(factors, [a.modules[m].scale for a in holders_of[m]]) for m, factors in zip(batch, loaded)]
+            del loaded
+            results = compress_batch(jobs, rule, method, sweeps, p, store, device)
+            del jobs
+            for module, result in zip(batch, results):
+                n, d = shapes[module]
+                _collect(module, n, d, holders_of[module], result, basis, modules, cores, entries)
+                done += 1
+                if progress:
+                    progress(done, len(order), module)
+        for adapter, digest in zip(adapters, digests):
+            entries[adapter.name]["sha256"] = digest.result()
+    finally:  # on an error, stop what is queued rather than finish it
         reader.shutdown(wait=True, cancel_futures=True)
+        hasher.shutdown(wait=True, cancel_futures=True)
+    modules = {m: modules[m] for m in shapes}  # the manifest lists modules in name order
+    for entry in entries.values():
+        entry["modules"] = {m: entry["modules"][m] for m in shapes if m in entry["modules"]}
     extras = {a.name: (a.extra_tensors if with_extras else dict) for a in adapters}
     if not with_extras:
         for entry in entries.values():
             entry["extras"], entry["bytes_extras"] = [], 0
     return write_zoo_files([a.name for a in adapters], basis, modules, cores, entries, extras, staging)
-
-
-def _compress_loaded(module, holders, factors, rule, method, sweeps, p, store, device) -> ModuleResult:
-    scales = [a.modules[module].scale for a in holders]
-    return compress_module(factors, scales, rule, method, sweeps, p, store, device)
 
 
 def _collect(module, n, d, holders, result, basis, modules, cores, entries) -> None:
@@ -282,11 +318,11 @@ def write_adapter_files(root: Path, stem: str, cores: dict, extras: dict, genera
     return entry
 
 
-def _adapter_entry(adapter: Adapter) -> dict:
+def _adapter_entry(adapter: Adapter, hashed: bool = True) -> dict:
     return {
         "name": adapter.name,
         "source": adapter.source,
-        "sha256": adapter.sha256,
+        "sha256": adapter.sha256 if hashed else None,  # else filled in once hashed
         "rank": adapter.rank,
         "bytes_original": adapter.lora_bytes,
         "source_dtype": sorted({m.dtype for m in adapter.modules.values()}),

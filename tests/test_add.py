@@ -81,9 +81,11 @@ def test_add_equals_a_full_merge_of_the_reconstructions(tmp_path):
     assert new_err == pytest.approx(math.sqrt(err2 / norm2), rel=1e-6)
 
 
-def test_drift_is_exact_and_the_bound_holds(tmp_path):
+@pytest.mark.parametrize("p", [None, 2])
+def test_drift_is_exact_and_the_bound_holds(tmp_path, p):
+    """Old cores move in one batched step (mixed p; with p = 2 most are cut by an SVD)."""
     paths, truth = adapters(tmp_path, 5)
-    zoo = sharecompress.merge(paths[:4], tmp_path / "zoo", k=4)
+    zoo = sharecompress.merge(paths[:4], tmp_path / "zoo", k=4, p=p)
     before = reconstructions(zoo)
     drift = zoo.add([paths[4]])
     after = reconstructions(zoo)

@@ -69,17 +69,82 @@ def test_bad_shard_spec(tmp_path):
 
 
 def test_prefetching_reader_sees_every_module_once(tmp_path, monkeypatch):
-    """The reader thread loads module i+1 while i computes: each module's factors read once, in order."""
+    """The reader thread loads batch i+1 while i computes: each module's factors read once."""
     import importlib
 
     merge_module = importlib.import_module("sharecompress.merge")
     seen = []
     original = merge_module._load
 
-    def spy(holders, module):
-        seen.append(module)
-        return original(holders, module)
+    def spy(holders_of, modules):
+        seen.extend(modules)
+        return original(holders_of, modules)
 
     monkeypatch.setattr(merge_module, "_load", spy)
     zoo = sharecompress.merge(sources(tmp_path), tmp_path / "z", k=3)
-    assert seen == list(zoo.modules)
+    assert sorted(seen) == sorted(zoo.modules) and len(seen) == len(set(seen))
+
+
+@pytest.mark.parametrize("rule", [{"k": 6}, {"energy": 0.9}])
+def test_batched_modules_equal_one_by_one(monkeypatch, rule):
+    """G same-shape modules sketched in one batched call give each module's own result."""
+    from sharecompress import linalg
+    from sharecompress.compress import KRule, compress_batch, compress_module
+
+    from factories import planted_basis as planted, random_factors as factors_of
+
+    monkeypatch.setattr(linalg, "EXACT_LIMIT", 40)  # sketch these small shapes
+    mods = {f"m{g}": (120, 100) for g in range(3)}
+    basis = planted(mods, 6, seed=1)
+    jobs = []
+    for g, m in enumerate(mods):
+        factors = [factors_of({m: mods[m]}, 8, seed=100 * g + t, basis=basis, noise=0.05)[m] for t in range(10)]
+        jobs.append((factors, [0.5 + 0.1 * t for t in range(10)]))
+    batched = compress_batch(jobs, KRule(**rule), store=torch.float64)
+    other_ranks = ([(b[:, :4], a[:4]) for b, a in jobs[1][0]], jobs[1][1])
+    with pytest.raises(ValueError, match="same ranks"):
+        compress_batch([jobs[0], other_ranks], KRule(**rule))
+    for job, got in zip(jobs, batched):
+        alone = compress_module(*job, KRule(**rule), store=torch.float64)
+        assert (got.k, got.k_v) == (alone.k, alone.k_v)
+        for mine, theirs in ((got.U, alone.U), (got.V, alone.V)):
+            assert torch.linalg.matrix_norm(mine - theirs @ (theirs.T @ mine), ord=2) < 1e-6
+        for a, b in zip(got.cores, alone.cores):
+            assert a.err2 == pytest.approx(b.err2, rel=1e-6, abs=1e-12)
+            assert a.norm2 == pytest.approx(b.norm2, rel=1e-12)
+
+
+def test_batches_group_by_shape_adapters_and_rank_within_budget(tmp_path):
+    import importlib
+
+    merge_module = importlib.import_module("sharecompress.merge")
+    mods = {"a.q": (20, 18), "a.v": (20, 18), "b.q": (20, 18), "b.o": (18, 20), "c.q": (20, 18)}
+    srcs = [write_peft_adapter(tmp_path / f"s{i}", random_factors(mods, 3, seed=i)) for i in range(2)]
+    wider = {"c.q": (20, 18)}
+    srcs.append(write_peft_adapter(tmp_path / "s2", random_factors(wider, 3, seed=9)))
+    from sharecompress.readers import find_adapters
+
+    adapters = find_adapters([str(s) for s in srcs])
+    shapes = merge_module.module_shapes(adapters)
+    per_module = 4 * 2 * 3 * (20 + 18)  # float32 bytes of one module held by two adapters
+    batches = merge_module.plan_batches(shapes, adapters, budget=2 * per_module)
+    short = sorted(sorted(m.removeprefix("base_model.model.") for m in batch) for batch in batches)
+    assert short == [["a.q", "a.v"], ["b.o"], ["b.q"], ["c.q"]]
+    assert merge_module.plan_batches(shapes, adapters, budget=1) == [[m] for batch in batches for m in batch]
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_shards_split_along_batches_and_still_equal_the_plain_merge(tmp_path, monkeypatch, count):
+    import importlib
+
+    merge_module = importlib.import_module("sharecompress.merge")
+    monkeypatch.setattr(merge_module, "BATCH_BYTES", 1)  # one module per batch: six to share out
+    srcs = sources(tmp_path)
+    plain = sharecompress.merge(srcs, tmp_path / "plain", k=3)
+    parts = [sharecompress.merge(srcs, tmp_path / f"p{i}", k=3, shard=(i, count)) for i in range(1, count + 1)]
+    assert all(len(p.modules) for p in parts) and sum(len(p.modules) for p in parts) == len(plain.modules)
+    from sharecompress.combine import combine
+
+    joined = combine([p.path for p in parts], tmp_path / "joined")
+    assert tensors_of(joined) == tensors_of(plain)
+    assert joined.report() == plain.report()
