@@ -31,11 +31,17 @@ class LoraModule:
     a_shape: tuple[int, ...]
     b_shape: tuple[int, ...]
     dtype: str
+    alpha_key: str | None = None  # kohya / diffusers: the alpha scalar read (and written back)
 
 
 @dataclass
 class Adapter:
-    """One source adapter: its LoRA modules, its non-LoRA tensors and its PEFT config."""
+    """One source adapter: its LoRA modules, its non-LoRA tensors and its config.
+
+    ``layout`` is its key layout (formats.LAYOUTS); ``config`` the PEFT adapter config, or
+    diffusers' per-component ``lora_adapter_metadata``; ``modules`` is keyed by the zoo's
+    module names, which may differ from the adapter's own (``LoraModule.name``).
+    """
 
     name: str
     source: str
@@ -43,6 +49,7 @@ class Adapter:
     modules: dict[str, LoraModule]
     extras: list[str]
     config: dict = field(default_factory=dict)
+    layout: str = "peft"
     _sha256: str | None = None
 
     @property

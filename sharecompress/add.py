@@ -19,8 +19,10 @@ from .adapter import Adapter
 from .compress import KRule, module_bases, pad_stack
 from .errors import InputError
 from .merge import (
-    STORE_DTYPES, _adapter_entry, _model_key, finish_adapter_entry, now, refresh_module_stats, write_adapter_files,
+    STORE_DTYPES, _adapter_entry, _model_key, finish_adapter_entry, now, refresh_module_stats, source_keys,
+    write_adapter_files,
 )
+from .formats import zoo_module_layouts
 from .readers import find_adapters
 from .storage import safe_name, save_tensors_durably, file_sha256
 from .transaction import Transaction, pause_point
@@ -152,13 +154,19 @@ def add(
     rank: int | None = None,
     alpha: float | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    layout: str = "auto",
 ) -> dict:
-    """Fold ``sources`` into the zoo, one adapter at a time; returns {old adapter: relative drift}."""
+    """Fold ``sources`` into the zoo, one adapter at a time; returns {old adapter: relative drift}.
+
+    ``layout`` overrides key-layout detection; modules are matched to the zoo's by name, or
+    across layouts by their canonical identity (``formats.align_modules``).
+    """
     if grow not in ("auto", "off"):
         raise ValueError("grow must be auto or off")
     zoo_path = Path(zoo_path)
-    Zoo.open(zoo_path)  # not a zoo → clear error before reading any source
-    adapters = find_adapters(list(sources), rank=rank, alpha=alpha)
+    opened = Zoo.open(zoo_path)  # not a zoo → clear error before reading any source
+    known = zoo_module_layouts(opened.manifest)
+    adapters = find_adapters(list(sources), rank=rank, alpha=alpha, layout=layout, known=known)
     with Transaction(zoo_path) as tx:
         manifest = copy.deepcopy(tx.manifest)
         check_new(manifest, adapters)
@@ -198,8 +206,7 @@ def add(
                 new_cores[module] = (E, F)
                 entry["modules"][module] = {
                     "rank": spec.rank, "scale": spec.scale, "p": E.shape[1], "err2": err2, "norm2": norm2,
-                    "drift": 0.0, "a_key": spec.a_key, "b_key": spec.b_key,
-                    "a_shape": list(spec.a_shape), "b_shape": list(spec.b_shape),
+                    "drift": 0.0, **source_keys(spec),
                 }
                 manifest["modules"][module] = _module_info(info, n, d, U2.shape[1], V2.shape[1], curve, sweeps_done)
                 done_steps += 1

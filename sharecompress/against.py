@@ -7,6 +7,7 @@ from typing import Iterable
 
 from . import linalg
 from .errors import InputError
+from .formats import zoo_module_layouts
 from .readers import find_adapters
 from .zoo import Zoo
 
@@ -17,7 +18,8 @@ def measure_against(zoo: Zoo, sources: Iterable[str]) -> dict[str, dict[str, tup
     Sources the zoo does not hold are passed over, so a directory of originals can be given.
     """
     sources = list(sources)
-    originals = [a for a in find_adapters(sources) if a.name in zoo.names]  # others: not in this zoo
+    known = zoo_module_layouts(zoo.manifest)  # kohya / diffusers originals: modules under the zoo's names
+    originals = [a for a in find_adapters(sources, known=known) if a.name in zoo.names]  # others: not in this zoo
     if not originals:
         raise InputError(" ".join(sources), f"none of these adapters is in the zoo {zoo.path} (matched by name)")
     bases = zoo.bases()

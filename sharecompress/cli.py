@@ -14,6 +14,7 @@ from typing import Iterator, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
@@ -33,7 +34,8 @@ ZooOption = typer.Option(DEFAULT_ZOO, "--zoo", help="Zoo directory.")
 
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
-    err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escaped: paths and hints hold brackets ("sharecompress[plot]", "run[1]/") that rich would eat as markup
+    err.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -95,7 +97,8 @@ def merge(
     rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank for bare .safetensors files without a config."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha for bare .safetensors files without a config."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N."),
-    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: compute every N-th module from the I-th (1-based) into a partial zoo; join parts with combine."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: compute every N-th batch of modules from the I-th (1-based) into a partial zoo; join parts with combine."),
+    layout: str = typer.Option("auto", "--format", help="Key layout of the sources: auto (detect per file), peft, kohya, diffusers."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
     """Compress adapters into a new zoo."""
@@ -105,7 +108,7 @@ def merge(
     with user_errors(), module_progress(not quiet, "merging") as progress:
         result = run_merge(
             sources, zoo, k=k, energy=energy, method=method, sweeps=sweeps, p=p, dtype=dtype,
-            force=force, rank=rank, alpha=alpha, device=device, shard=parse_shard(shard), progress=progress,
+            force=force, rank=rank, alpha=alpha, device=device, shard=parse_shard(shard), progress=progress, layout=layout,
         )
     if not quiet and "shard" not in result.manifest:
         render(result.report(), err)
@@ -142,6 +145,7 @@ def add(
     grow: str = typer.Option("auto", "--grow", help="auto: an energy-target zoo may grow k; off: keep every k."),
     rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank for bare .safetensors files without a config."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha for bare .safetensors files without a config."),
+    layout: str = typer.Option("auto", "--format", help="Key layout of the sources: auto (detect per file), peft, kohya, diffusers."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
     """Fold new adapters into a zoo without the original adapters."""
@@ -149,7 +153,7 @@ def add(
 
     with user_errors(), module_progress(not quiet, "adding") as progress:
         opened = Zoo.open(zoo)
-        drift = opened.add(sources, grow=grow, rank=rank, alpha=alpha, progress=progress)
+        drift = opened.add(sources, grow=grow, rank=rank, alpha=alpha, progress=progress, layout=layout)
     if not quiet:
         worst = max(drift.items(), key=lambda kv: kv[1], default=None)
         err.print(
@@ -165,21 +169,29 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     max_error: Optional[float] = typer.Option(None, "--max-error", help="Exit 1 when any adapter's relative error is above this."),
     against: Optional[List[str]] = typer.Option(None, "--against", help="Original adapters (repeatable; a directory of them works): recompute their errors exactly."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the figures (energy kept vs k per module group, each adapter's error) to this PNG; needs matplotlib: pip install 'sharecompress[plot]'."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML page: summary, figures and tables."),
 ) -> None:
     """Exact reconstruction error and bytes, per adapter and for the zoo."""
+    from .figures import check_outputs, write_outputs
     from .report import render
     from .zoo import Zoo
 
     with user_errors():
-        data = Zoo.open(zoo).report(against=against)
+        check_outputs(plot, html)  # before --against's work: a bad target or no matplotlib fails fast
+        opened = Zoo.open(zoo)
+        data = opened.report(against=against)
+        written = write_outputs(data, opened.manifest, max_error, plot=plot, html_to=html, title=f"sharecompress report: {zoo}")
     if as_json:
         sys.stdout.write(json.dumps(data, indent=1) + "\n")
     else:
         render(data, out, max_error)
+    for line in written:
+        err.print(escape(line), highlight=False)
     if max_error is not None:
         over = [a["name"] for a in data["adapters"] if a["relative_error"] > max_error]
         if over:
-            err.print(f"{len(over)} adapter(s) above --max-error {max_error:g}: {', '.join(over)}", highlight=False)
+            err.print(escape(f"{len(over)} adapter(s) above --max-error {max_error:g}: {', '.join(over)}"), highlight=False)
             raise typer.Exit(1)
 
 
@@ -187,12 +199,12 @@ def report(
 def export(
     names: List[str] = typer.Argument(None, help="Adapter names to export (or --all)."),
     zoo: Path = ZooOption,
-    out: Path = typer.Option(..., "--out", help="Output directory (with --all or several names: one subdirectory each)."),
+    out: Path = typer.Option(..., "--out", help="Output directory (with --all or several names: one subdirectory each); a kohya or diffusers adapter may also go to a file ending in .safetensors."),
     all_: bool = typer.Option(False, "--all", help="Export every adapter."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     force: bool = typer.Option(False, "--force", help="Replace existing output directories."),
 ) -> None:
-    """Rebuild standard PEFT adapter directories from the zoo."""
+    """Rebuild adapters from the zoo, each in the key layout it came in (PEFT, kohya, diffusers)."""
     from .zoo import Zoo
 
     with user_errors():
@@ -242,7 +254,7 @@ def list_(zoo: Path = ZooOption, as_json: bool = typer.Option(False, "--json", h
     for col in ("name", "rank", "p", "error bound", "added", "source"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], str(r["rank"]), str(r["p"]), f"{r['error_bound']:.4g}", str(r["added"]), str(r["source"]))
+        table.add_row(escape(r["name"]), str(r["rank"]), str(r["p"]), f"{r['error_bound']:.4g}", str(r["added"]), escape(str(r["source"])))
     out.print(table)
 
 

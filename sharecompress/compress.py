@@ -69,11 +69,16 @@ POWER_ITERS = 3
 
 
 def _side_k(rule: KRule, sub: linalg.Subspace, total: float, cap: int, side: int) -> int | None:
-    """k for one side (0: U, 1: V), or None when the energies found do not reach the target yet."""
+    """k for one side (0: U, 1: V), or None when the energies found do not reach the target yet.
+
+    An energy target e is asked of each side as 1 − (1 − e)/2: the update loses
+    ‖(I − UUᵀ)ΔW‖² + ‖UUᵀΔW(I − VVᵀ)‖², at most the two sides' losses together, so every
+    module keeps at least e of its energy (before a core is cut below its rank by ``p``).
+    """
     if rule.k is not None:
         k = rule.k
     else:
-        k = linalg.smallest_k_for_energy(sub.energies, rule.energy, total)
+        k = linalg.smallest_k_for_energy(sub.energies, 1.0 - (1.0 - rule.energy) / 2, total)
         if k is None:
             return None
         k = max(k, rule.k_min[side])
@@ -95,10 +100,14 @@ def _solve(B, A, s, rule, method, sweeps, caps, totals=None):
         left, right = linalg.top_subspace(Xu, widths[0]), linalg.top_subspace(Xv, widths[1])
         totals = totals or (left.total, right.total)
         ks = [_side_k(rule, sub, totals[i], caps[i], i) for i, sub in enumerate((left, right))]
-        if all(k is not None for k in ks) or widths == list(caps):
+        if widths == list(caps):
             ks = [k if k is not None else caps[i] for i, k in enumerate(ks)]
             break
-        widths = [w if k is not None else min(caps[i], 2 * w) for i, (w, k) in enumerate(zip(widths, ks))]
+        if all(k is not None and k <= w for k, w in zip(ks, widths)):
+            break
+        # An exact solve knows every energy, so its k may exceed the basis it returned: widen to k.
+        widths = [w if k is not None and k <= w else min(caps[i], 2 * w if k is None else k)
+                  for i, (w, k) in enumerate(zip(widths, ks))]
     ku, kv = ks
     curve = left.energies / totals[0] if totals[0] > 0 else left.energies
     if method == "paper":

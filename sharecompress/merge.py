@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import torch
 
 from . import __version__
-from .adapter import Adapter
+from .adapter import Adapter, LoraModule
 from .compress import METHODS, KRule, ModuleResult, compress_batch
 from .errors import InputError, ZooError
 from .readers import find_adapters
@@ -107,13 +107,15 @@ def merge(
     device: str = "auto",
     shard: tuple[int, int] | None = None,
     progress: Progress | None = None,
+    layout: str = "auto",
 ) -> Zoo:
     """Compress the adapters named by ``sources`` into a new zoo at ``zoo``.
 
     Everything is validated and computed into a hidden temporary directory beside the target,
     which is renamed into place only when complete: on any error nothing is left behind.
-    ``shard=(i, n)`` (1 ≤ i ≤ n) computes only every n-th module, starting with the i-th, into a
-    partial zoo; ``combine`` joins the n parts into the zoo an unsharded merge writes.
+    ``shard=(i, n)`` (1 ≤ i ≤ n) computes only every n-th batch of modules (see ``plan_batches``),
+    starting with the i-th, into a partial zoo; ``combine`` joins the n parts into the zoo an unsharded merge writes.
+    ``layout`` (auto, peft, kohya, diffusers) overrides each source's detected key layout.
     """
     sources = list(sources)
     if k is not None and energy is not None:
@@ -131,7 +133,7 @@ def merge(
     compute_on = resolve_device(device)
     target = Path(zoo)
     check_target(target, force)
-    adapters = find_adapters(sources, rank=rank, alpha=alpha)
+    adapters = find_adapters(sources, rank=rank, alpha=alpha, layout=layout)
     shapes = module_shapes(adapters)
     batches = plan_batches(shapes, adapters)
     if shard is not None:
@@ -262,11 +264,16 @@ def _collect(module, n, d, holders, result, basis, modules, cores, entries) -> N
             "err2": core.err2,
             "norm2": core.norm2,
             "drift": 0.0,
-            "a_key": spec.a_key,
-            "b_key": spec.b_key,
-            "a_shape": list(spec.a_shape),
-            "b_shape": list(spec.b_shape),
+            **source_keys(spec),
         }
+
+
+def source_keys(spec: LoraModule) -> dict:
+    """The adapter's own tensor names and shapes for one module: what export writes back."""
+    keys = {"a_key": spec.a_key, "b_key": spec.b_key, "a_shape": list(spec.a_shape), "b_shape": list(spec.b_shape)}
+    if spec.alpha_key is not None:
+        keys["alpha_key"] = spec.alpha_key
+    return keys
 
 
 def write_zoo_files(names, basis, modules, cores, entries, extras, staging: Path) -> dict:
@@ -327,6 +334,7 @@ def _adapter_entry(adapter: Adapter, hashed: bool = True) -> dict:
         "bytes_original": adapter.lora_bytes,
         "source_dtype": sorted({m.dtype for m in adapter.modules.values()}),
         "config": adapter.config,
+        "layout": adapter.layout,
         "extras": list(adapter.extras),
         "bytes_extras": sum(adapter.file.tensors[k].nbytes for k in adapter.extras),
         "added": now(),

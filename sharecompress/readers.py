@@ -1,8 +1,9 @@
 """Turn what the user names on the command line into ``Adapter`` objects.
 
-Sources are PEFT adapter directories, bare ``.safetensors`` files with PEFT key names, and
-directories holding either. Only headers are read here: every structural problem (missing
-pairs, rank disagreement, DoRA, pickles, bad configs) is found before any compute starts.
+Sources are PEFT adapter directories, bare ``.safetensors`` files (PEFT, kohya or diffusers
+key layouts, see ``formats``), and directories holding either. Only headers (and kohya /
+diffusers alpha scalars) are read here: every structural problem (missing pairs, rank
+disagreement, DoRA, pickles, bad configs) is found before any compute starts.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
+from . import formats
 from .adapter import Adapter, LoraModule
 from .errors import InputError
 from .safetensors_file import SafetensorsFile
+
+if TYPE_CHECKING:
+    from .hub import HubSnapshot
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -24,26 +29,44 @@ PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 # Files a shell glob such as `adapters/*` sweeps up that are plainly not adapters.
 IGNORED_SUFFIXES = frozenset({".md", ".txt", ".json", ".yaml", ".yml", ".png", ".jpg", ".html", ".csv"})
 
-_LINEAR = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-_EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?$")
+# Tensors of formats that are not plain low-rank LoRA (PEFT and LyCORIS / sd-scripts names).
 _NOT_LOW_RANK = {
     "hada_": "LoHa",
     "lokr_": "LoKr",
     "lora_mid": "LoCon (lora_mid)",
     "oft_": "OFT",
     "lora_magnitude_vector": "DoRA",
+    "dora_scale": "DoRA",
+    "glora_": "GLoRA",
+    ".on_input": "IA3",
 }
+_NOT_LOW_RANK_SUFFIXES = {".diff": "LyCORIS full-weight (diff)", ".diff_b": "LyCORIS full-weight (diff)"}
 _PEFT_PREFIX = "base_model.model."
 
 
 def find_adapters(
-    sources: Iterable[str], rank: int | None = None, alpha: float | None = None
+    sources: Iterable[str],
+    rank: int | None = None,
+    alpha: float | None = None,
+    layout: str = "auto",
+    known: dict[str, str] | None = None,
 ) -> list[Adapter]:
-    """Every adapter named by ``sources``, validated, with unique names."""
+    """Every adapter named by ``sources``, validated, with unique names.
+
+    ``layout`` (auto, peft, kohya, diffusers) overrides key-layout detection. Modules are named
+    as ``known`` (a zoo's {module: layout}) or the first adapter holding them names them, so
+    that one module read through different layouts is one module (``formats.align_modules``).
+    """
+    formats.check_layout(layout)
     adapters: list[Adapter] = []
     seen: dict[str, Adapter] = {}
     for path, kind in _expand(sources):
-        adapter = read_peft_dir(path) if kind == "dir" else read_bare_file(path, rank, alpha)
+        if kind == "hub":
+            from .hub import read_hub_adapter  # hub imports this module
+
+            adapter = read_hub_adapter(path, layout)
+        else:
+            adapter = read_peft_dir(path, layout) if kind == "dir" else read_bare_file(path, rank, alpha, layout)
         if adapter.name in seen:
             raise InputError(
                 path, f"adapter name {adapter.name!r} is used twice (also {seen[adapter.name].source})"
@@ -52,14 +75,22 @@ def find_adapters(
         adapters.append(adapter)
     if not adapters:
         raise InputError(" ".join(sources) or "(no sources)", "no adapters found")
+    formats.align_modules(adapters, known)
     return adapters
 
 
-def _expand(sources: Iterable[str]) -> list[tuple[Path, str]]:
-    found: list[tuple[Path, str]] = []
+def _expand(sources: Iterable[str]) -> list[tuple[Path | HubSnapshot, str]]:
+    """(path, kind) per adapter; a Hub id comes as (HubSnapshot, "hub"). Local paths win over ids."""
+    from .hub import resolve_hub_source  # hub imports this module
+
+    found: list[tuple[Path | HubSnapshot, str]] = []
     for source in sources:
         path = Path(source)
         if not path.exists():
+            snapshot = resolve_hub_source(source)  # None unless it reads as owner/name[@revision]
+            if snapshot is not None:
+                found.append((snapshot, "hub"))
+                continue
             matches = sorted(glob.glob(source)) if any(c in source for c in "*?[") else []
             if not matches:
                 raise InputError(source, "no such file or directory")
@@ -87,6 +118,8 @@ def _classify(path: Path) -> list[tuple[Path, str]]:
         for child in sorted(path.iterdir()):
             if child.is_dir() and _is_adapter_dir(child):
                 children.append((child, "dir"))
+            elif child.is_dir() and (child / formats.DIFFUSERS_WEIGHTS).is_file():
+                children.append((child / formats.DIFFUSERS_WEIGHTS, "file"))  # a diffusers LoRA dir
             elif child.is_file() and child.suffix in PICKLE_SUFFIXES | {".safetensors"}:
                 children.extend(_classify(child))
         if not children:
@@ -101,7 +134,7 @@ def _classify(path: Path) -> list[tuple[Path, str]]:
     return [(path, "file")]
 
 
-def read_peft_dir(path: Path) -> Adapter:
+def read_peft_dir(path: Path, layout: str = "auto") -> Adapter:
     weights = path / PEFT_WEIGHTS
     if not weights.is_file():
         pickles = [p.name for p in path.glob("adapter_model*") if p.suffix in PICKLE_SUFFIXES]
@@ -115,11 +148,22 @@ def read_peft_dir(path: Path) -> Adapter:
     config = load_config(config_path) if config_path.exists() else None
     if config is None:
         raise InputError(path, f"no {PEFT_CONFIG} in this adapter directory")
-    return parse_adapter(path.name, path, SafetensorsFile(weights), config, config_path)
+    file = SafetensorsFile(weights)
+    _refuse_not_low_rank(file)
+    found = formats.detect(file.tensors, file.path, layout, has_config=True)
+    return parse_adapter(path.name, path, file, config, config_path, found)
 
 
-def read_bare_file(path: Path, rank: int | None, alpha: float | None) -> Adapter:
+def read_bare_file(path: Path, rank: int | None, alpha: float | None, layout: str = "auto") -> Adapter:
+    """A lone weights file; kohya and diffusers files carry their alphas, PEFT ones need a config."""
     sibling = path.parent / PEFT_CONFIG
+    name = path.parent.name if path.stem in ("adapter_model", Path(formats.DIFFUSERS_WEIGHTS).stem) else path.stem
+    file = SafetensorsFile(path)
+    _refuse_not_low_rank(file)  # LoHa & co. are named before anything asks for a config
+    peft_config = sibling.is_file() or alpha is not None  # --alpha: plain lora_A/lora_B keys are PEFT's
+    found = formats.detect(file.tensors, file.path, layout, has_config=peft_config)
+    if found != "peft":
+        return parse_adapter(name, path, file, {}, None, found)
     if sibling.is_file():
         config = load_config(sibling)
         config_path: Path | None = sibling
@@ -130,8 +174,7 @@ def read_bare_file(path: Path, rank: int | None, alpha: float | None) -> Adapter
         if rank is not None:
             config["r"] = rank
         config_path = None
-    name = path.parent.name if path.stem == "adapter_model" else path.stem
-    return parse_adapter(name, path, SafetensorsFile(path), config, config_path)
+    return parse_adapter(name, path, file, config, config_path)
 
 
 def load_config(path: Path) -> dict:
@@ -143,6 +186,11 @@ def load_config(path: Path) -> dict:
         raise InputError(path, f"adapter config is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise InputError(path, "adapter config is not a JSON object")
+    return check_config(config, path)
+
+
+def check_config(config: dict, path: object, what: str = "adapter config") -> dict:
+    """A LoraConfig dict (PEFT's adapter_config.json, or diffusers' metadata) that can be used."""
     peft_type = config.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
         raise InputError(path, f"peft_type {peft_type!r} is not LoRA")
@@ -150,15 +198,15 @@ def load_config(path: Path) -> dict:
         raise InputError(path, "DoRA adapters are not supported: their magnitude vector needs the base weights")
     r = config.get("r")
     if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0):
-        raise InputError(path, f"adapter config has an invalid r: {r!r}")
+        raise InputError(path, f"{what} has an invalid r: {r!r}")
     lora_alpha = config.get("lora_alpha")
     if lora_alpha is not None and (
         not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not math.isfinite(lora_alpha)
     ):
-        raise InputError(path, f"adapter config has an invalid lora_alpha: {lora_alpha!r}")
+        raise InputError(path, f"{what} has an invalid lora_alpha: {lora_alpha!r}")
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key) is not None and not isinstance(config[key], dict):
-            raise InputError(path, f"adapter config has an invalid {key}: not an object")
+            raise InputError(path, f"{what} has an invalid {key}: not an object")
     return config
 
 
@@ -187,60 +235,113 @@ def module_scale(config: dict, module: str, tensor_rank: int, config_path: objec
 
 
 def parse_adapter(
-    name: str, source: Path, file: SafetensorsFile, config: dict, config_path: Path | None
+    name: str,
+    source: Path,
+    file: SafetensorsFile,
+    config: dict,
+    config_path: Path | None,
+    layout: str = "peft",
 ) -> Adapter:
-    """Pair lora_A/lora_B keys into modules; everything else is an extra kept verbatim."""
-    where = config_path or file.path
-    pairs: dict[str, dict[str, str]] = {}
-    kinds: dict[str, str] = {}
-    extras: list[str] = []
-    for key in file.tensors:
-        for marker, label in _NOT_LOW_RANK.items():
-            if marker in key:
-                raise InputError(file.path, f"{label} tensors ({key!r}) are not plain low-rank LoRA: refused")
-        if ".lora_down." in key or ".lora_up." in key:
-            raise InputError(file.path, f"kohya-style keys ({key!r}) are not supported yet")
-        match = _LINEAR.match(key) or _EMBEDDING.match(key)
-        if match is None:
-            extras.append(key)
-            continue
-        module = match["module"]
-        pairs.setdefault(module, {})[match["side"]] = key
-        kinds[module] = "embedding" if "lora_embedding_" in key else "linear"
+    """Pair each module's A (down) and B (up) keys under ``layout``; other tensors are extras kept verbatim.
+
+    kohya / diffusers alpha scalars are consumed into the scale (export writes them back), not kept as extras.
+    """
+    _refuse_not_low_rank(file)
+    names = formats.SIDE_NAMES[layout]
+    pairs, kinds, extras = _pair_keys(file, layout)
     if not pairs:
-        raise InputError(file.path, "no LoRA tensors (lora_A / lora_B) in this file")
+        raise InputError(file.path, f"no LoRA tensors ({names[0]} / {names[1]}) in this file")
+    if layout == "diffusers":
+        config = formats.diffusers_configs(file.metadata, file.path)
+        for component, settings in config.items():
+            check_config(settings, file.path, f"{formats.DIFFUSERS_METADATA} for {component!r}")
+    alphas = {formats.alpha_key(m, layout) for m in pairs} & set(file.tensors) if layout != "peft" else set()
+    extras = [key for key in extras if key not in alphas]
     modules: dict[str, LoraModule] = {}
     for module, sides in sorted(pairs.items()):
-        for side, other in (("A", "B"), ("B", "A")):
-            if side not in sides:
-                raise InputError(file.path, f"module {module!r} has lora_{other} but no lora_{side}")
+        for side, other in ((0, 1), (1, 0)):
+            if "AB"[side] not in sides:
+                raise InputError(file.path, f"module {module!r} has {names[other]} but no {names[side]}")
         a, b = file.tensors[sides["A"]], file.tensors[sides["B"]]
         for t in (a, b):
             if not t.is_float:
                 raise InputError(file.path, f"tensor {t.name!r} has integer dtype {t.dtype}; LoRA factors must be float")
-        modules[module] = _module_from_shapes(module, a, b, kinds[module], config, where, file.path)
-    return Adapter(name=name, source=str(source), file=file, modules=modules, extras=extras, config=config)
+        rank, n, d = _check_shapes(module, a, b, kinds[module], file.path, names)
+        alpha_key = formats.alpha_key(module, layout)
+        alpha_key = alpha_key if alpha_key in alphas else None
+        scale = _scale(layout, module, rank, config, config_path or file.path, file, alpha_key)
+        dtype = a.dtype if a.dtype == b.dtype else "mixed"
+        modules[module] = LoraModule(
+            module, a.name, b.name, rank, n, d, scale, tuple(a.shape), tuple(b.shape), dtype, alpha_key
+        )
+    return Adapter(
+        name=name, source=str(source), file=file, modules=modules, extras=extras, config=config, layout=layout
+    )
 
 
-def _module_from_shapes(module, a, b, kind, config, config_path, file_path) -> LoraModule:
+def _refuse_not_low_rank(file: SafetensorsFile) -> None:
+    """LoHa, LoKr, OFT, DoRA, …: not an update B·A, so refused by name rather than misread."""
+    for key in file.tensors:
+        for marker, label in _NOT_LOW_RANK.items():
+            if marker in key:
+                raise InputError(file.path, f"{label} tensors ({key!r}) are not plain low-rank LoRA: refused")
+        for suffix, label in _NOT_LOW_RANK_SUFFIXES.items():
+            if key.endswith(suffix):
+                raise InputError(file.path, f"{label} tensors ({key!r}) are not plain low-rank LoRA: refused")
+
+
+def _pair_keys(file: SafetensorsFile, layout: str) -> tuple[dict[str, dict[str, str]], dict[str, str], list[str]]:
+    """({module: {"A": key, "B": key}}, {module: kind}, other keys) under one layout."""
+    pairs: dict[str, dict[str, str]] = {}
+    kinds: dict[str, str] = {}
+    extras: list[str] = []
+    for key in file.tensors:
+        parsed = formats.parse_key(key, layout)
+        if parsed is None:
+            extras.append(key)
+            continue
+        sides = pairs.setdefault(parsed.module, {})
+        if parsed.side in sides:
+            raise InputError(
+                file.path, f"module {parsed.module!r} has two {parsed.side} factors: {sides[parsed.side]!r} and {key!r}"
+            )
+        sides[parsed.side] = key
+        kinds[parsed.module] = parsed.kind
+    return pairs, kinds, extras
+
+
+def _scale(
+    layout: str, module: str, rank: int, config: dict, where: object, file: SafetensorsFile, alpha_key: str | None
+) -> float:
+    """s = alpha / r: PEFT from its config; diffusers from its metadata, else like kohya from the
+    module's alpha scalar, with alpha = r (s = 1) when there is none."""
+    if layout == "peft":
+        return module_scale(config, module, rank, where)
+    component, rest = formats.split_component(module)
+    if layout == "diffusers" and component in config:
+        return module_scale(config[component], rest, rank, file.path)
+    if alpha_key is None:
+        return 1.0
+    return formats.alpha_value(file.read(alpha_key), alpha_key, file.path) / rank
+
+
+def _check_shapes(module, a, b, kind, file_path, names=("lora_A", "lora_B")) -> tuple[int, int, int]:
+    """(r, n, d) of a module whose factors are matrices, or conv kernels [r, in, kh, kw] and [out, r, 1, 1]."""
     a_shape, b_shape = a.shape, b.shape
     if kind == "embedding" or len(a_shape) == 2:
         if len(a_shape) != 2 or len(b_shape) != 2:
             raise InputError(file_path, f"module {module!r}: lora factors must be matrices, got {a_shape} and {b_shape}")
     elif len(a_shape) == 4:
         if len(b_shape) != 4 or b_shape[2:] != (1, 1):
-            raise InputError(file_path, f"module {module!r}: conv lora_B must be [out, r, 1, 1], got {list(b_shape)}")
+            raise InputError(file_path, f"module {module!r}: conv {names[1]} must be [out, r, 1, 1], got {list(b_shape)}")
     else:
-        raise InputError(file_path, f"module {module!r}: unsupported lora_A shape {list(a_shape)}")
+        raise InputError(file_path, f"module {module!r}: unsupported {names[0]} shape {list(a_shape)}")
     rank_a, rank_b = a_shape[0], b_shape[1]
     if rank_a != rank_b:
-        raise InputError(file_path, f"module {module!r}: lora_A has rank {rank_a} but lora_B has rank {rank_b}")
+        raise InputError(file_path, f"module {module!r}: {names[0]} has rank {rank_a} but {names[1]} has rank {rank_b}")
     if rank_a == 0:
         raise InputError(file_path, f"module {module!r}: rank 0")
     d = 1
     for s in a_shape[1:]:
         d *= s
-    n = b_shape[0]
-    scale = module_scale(config, module, rank_a, config_path)
-    dtype = a.dtype if a.dtype == b.dtype else "mixed"
-    return LoraModule(module, a.name, b.name, rank_a, n, d, scale, tuple(a_shape), tuple(b_shape), dtype)
+    return rank_a, b_shape[0], d

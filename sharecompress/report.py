@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .merge import module_bound2, relative
@@ -93,7 +94,7 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
         err = f"{a['relative_error']:.4g}"
         if max_error is not None and a["relative_error"] > max_error:
             err = f"[bold red]{err}[/]"
-        table.add_row(a["name"], str(a["rank"]), str(a["p"]), err, f"{a['max_module_error']:.4g}", f"{a['drift']:.3g}")
+        table.add_row(escape(a["name"]), str(a["rank"]), str(a["p"]), err, f"{a['max_module_error']:.4g}", f"{a['drift']:.3g}")
     console.print(table)
     ks = Counter(m["k"] for m in report["modules"].values())
     k_text = ", ".join(f"k={k} ×{n}" for k, n in sorted(ks.items()))

@@ -101,6 +101,23 @@ class WriterLock:
 
 
 @contextmanager
+def staged_file(target: Path) -> Iterator[Path]:
+    """A hidden sibling path to write; on success one atomic rename puts it at ``target``.
+
+    On any error the sibling is removed and ``target`` is untouched: nothing half-written.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield staging
+        os.replace(staging, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
 def staged_directory(target: Path) -> Iterator[Path]:
     """Build a new directory in a hidden sibling; on success it replaces ``target`` whole.
 

@@ -91,3 +91,60 @@ def dense_delta(B: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Tensor:
 def dense_reconstruction(U, E, F, V) -> torch.Tensor:
     f = torch.float64
     return U.to(f) @ E.to(f) @ F.to(f) @ V.to(f).T
+
+
+def write_kohya_file(
+    path: Path,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    alpha: float | dict[str, float | None] | None = 4.0,
+    dtype: torch.dtype = torch.float32,
+    extras: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """A kohya / sd-scripts LoRA file: ``<module>.lora_down.weight`` (A), ``.lora_up.weight`` (B)
+    and a scalar ``<module>.alpha`` (``alpha`` per module, or None for no alpha tensor)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module, (B, A) in factors.items():
+        tensors[f"{module}.lora_down.weight"] = A.to(dtype).contiguous()
+        tensors[f"{module}.lora_up.weight"] = B.to(dtype).contiguous()
+        value = alpha.get(module) if isinstance(alpha, dict) else alpha
+        if value is not None:
+            tensors[f"{module}.alpha"] = torch.tensor(float(value), dtype=dtype)
+    tensors.update(extras or {})
+    save_file(tensors, str(path), metadata={"format": "pt", "ss_network_module": "networks.lora"})
+    return path
+
+
+DIFFUSERS_SUFFIXES = {
+    "peft": (".lora_A.weight", ".lora_B.weight"),
+    "lora": (".lora.down.weight", ".lora.up.weight"),
+    "linear_layer": (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
+}
+
+
+def write_diffusers_dir(
+    path: Path,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, str]],
+    *,
+    alphas: dict[str, float] | None = None,
+    metadata: dict[str, dict] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """A diffusers LoRA dir (``pytorch_lora_weights.safetensors``): factors maps a prefixed module
+    (``unet.…``) to (B, A, style), style one of DIFFUSERS_SUFFIXES; ``alphas`` adds ``<module>.alpha``
+    scalars; ``metadata`` {component: LoraConfig fields} is stored as diffusers' lora_adapter_metadata."""
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module, (B, A, style) in factors.items():
+        down, up = DIFFUSERS_SUFFIXES[style]
+        tensors[module + down] = A.to(dtype).contiguous()
+        tensors[module + up] = B.to(dtype).contiguous()
+    for module, value in (alphas or {}).items():
+        tensors[f"{module}.alpha"] = torch.tensor(float(value), dtype=dtype)
+    header = {"format": "pt"}
+    if metadata:
+        flat = {f"{c}.{k}": v for c, fields in metadata.items() for k, v in fields.items()}
+        header["lora_adapter_metadata"] = json.dumps(flat)
+    save_file(tensors, str(path / "pytorch_lora_weights.safetensors"), metadata=header)
+    return path

@@ -139,6 +139,25 @@ def test_energy_target_picks_k_per_module(tmp_path):
     assert default["modules"] == report["modules"]  # the default is energy 0.99
 
 
+@pytest.mark.parametrize("target", [0.9, 0.99])
+def test_energy_target_holds_in_every_module_and_k_may_pass_32(tmp_path, target):
+    """A 40-dimensional shared span: reaching 0.99 needs more directions than the first solve's 32."""
+    modules = {"wide.q": (120, 100), "wide.v": (100, 120)}
+    basis = planted_basis(modules, 40, seed=5)
+    paths, truth = make_zoo(tmp_path, [(8, 16, False)] * 10, modules=modules, basis=basis, noise=0.05)
+    zoo = sharecompress.merge(paths, tmp_path / "zoo", energy=target)
+    dense = dense_errors(zoo, truth)
+    for module, info in zoo.report()["modules"].items():
+        err2 = sum(dense[name][module][0] for name in dense)
+        norm2 = sum(dense[name][module][1] for name in dense)
+        assert 1 - err2 / norm2 >= target - 1e-9, module
+        assert info["energy_kept"] == pytest.approx(1 - err2 / norm2, rel=1e-9)
+    ks = [m["k"] for m in zoo.report()["modules"].values()]
+    assert max(ks) < 80  # lossy: the target, not the full rank (Σr = 80), set k
+    if target == 0.99:
+        assert max(ks) > 32
+
+
 @pytest.mark.parametrize("dtype,store", [(torch.float16, "float16"), (torch.bfloat16, "bfloat16")])
 def test_half_precision_inputs(tmp_path, dtype, store):
     paths, truth = make_zoo(tmp_path, [(4, 16, False), (4, 8, True), (2, 4, False)], dtype=dtype)

@@ -1,0 +1,183 @@
+"""Hugging Face Hub ids as sources, resolved from the local cache only.
+
+A source such as ``owner/name`` or ``owner/name@revision`` that is not a local path names a
+snapshot in the Hugging Face cache. Nothing is ever downloaded (the project's rule): lookups
+go through ``snapshot_download(local_files_only=True)``, which reads ``refs/`` and
+``snapshots/`` and never opens a connection, whatever ``HF_HUB_OFFLINE`` says. A missing repo,
+revision or file is one line naming the id, with the command that would fetch it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .adapter import Adapter
+from .errors import InputError
+from .readers import PEFT_CONFIG, PEFT_WEIGHTS, PICKLE_SUFFIXES, read_peft_dir
+
+# Hub rules: owner and name of letters, digits, "-", "_", "." (no "--" or "..", not starting or
+# ending with "-" or "."); a revision is a branch, tag (possibly with "/") or commit hash.
+_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+_HUB_ID = re.compile(rf"^(?P<repo>{_PART}/{_PART})(?:@(?P<revision>[A-Za-z0-9._-][A-Za-z0-9._/-]*))?$")
+
+
+@dataclass(frozen=True)
+class HubSnapshot:
+    """One cached snapshot: the id as asked, the commit it resolved to, and its directory."""
+
+    repo_id: str
+    revision: str | None
+    commit: str
+    path: Path
+
+    @property
+    def name(self) -> str:
+        """``owner--name``: unique across owners (as in the cache's ``models--owner--name``)."""
+        return self.repo_id.replace("/", "--")
+
+    @property
+    def source(self) -> str:
+        """``owner/name@<commit>``: records exactly what was read, and is itself a valid source."""
+        return f"{self.repo_id}@{self.commit}"
+
+    def __str__(self) -> str:
+        return self.source
+
+
+def parse_hub_id(source: str) -> tuple[str, str | None] | None:
+    """(repo_id, revision) when ``source`` reads as ``owner/name[@revision]``, else None."""
+    match = _HUB_ID.match(source)
+    if match is None:
+        return None
+    repo_id, revision = match["repo"], match["revision"]
+    if "--" in repo_id or ".." in repo_id or repo_id.endswith(".git"):
+        return None
+    if Path(repo_id).suffix.lower() in PICKLE_SUFFIXES | {".safetensors"}:
+        return None  # a missing weights file, not a repo
+    if revision is not None and (".." in revision or revision.endswith("/") or "//" in revision):
+        return None
+    return repo_id, revision
+
+
+def hub_cache_dir() -> Path:
+    """The cache huggingface_hub would use, read from the environment now (not at import)."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(os.path.expandvars(explicit)).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface"
+    )
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
+def resolve_hub_source(source: str) -> HubSnapshot | None:
+    """The cached snapshot ``source`` names, None when it is not a Hub id; InputError when not cached."""
+    parsed = parse_hub_id(source)
+    if parsed is None:
+        return None
+    repo_id, revision = parsed
+    cache = hub_cache_dir()
+    path = _cached_snapshot(source, repo_id, revision, cache)
+    snapshot = HubSnapshot(repo_id, revision, path.name, path)
+    _check_adapter_files(source, snapshot)
+    return snapshot
+
+
+def read_hub_adapter(snapshot: HubSnapshot, layout: str = "auto") -> Adapter:
+    """Read the snapshot as a PEFT directory, named and sourced by its Hub id."""
+    return replace(read_peft_dir(snapshot.path, layout), name=snapshot.name, source=snapshot.source)
+
+
+def _cached_snapshot(source: str, repo_id: str, revision: str | None, cache: Path) -> Path:
+    """The snapshot directory, looked up by huggingface_hub without any network access."""
+    import huggingface_hub
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    revision = _full_hash(cache, repo_id, revision)
+    try:
+        found = huggingface_hub.snapshot_download(
+            repo_id, revision=revision, cache_dir=cache, local_files_only=True
+        )
+    except LocalEntryNotFoundError as exc:
+        incomplete = type(exc).__name__ == "IncompleteSnapshotError"  # recent huggingface_hub checks completeness
+        raise _not_cached(source, repo_id, revision, cache, incomplete) from None
+    return Path(found)
+
+
+def _full_hash(cache: Path, repo_id: str, revision: str | None) -> str | None:
+    """A short commit hash (7+ hex digits) of exactly one cached snapshot becomes the full hash."""
+    if revision is None or not re.fullmatch(r"[0-9a-f]{7,39}", revision):
+        return revision
+    snapshots = _repo_dir(cache, repo_id) / "snapshots"
+    if (snapshots.parent / "refs" / revision).is_file() or not snapshots.is_dir():
+        return revision  # a branch or tag spelled like hex wins, as in git
+    matches = [p.name for p in snapshots.iterdir() if p.name.startswith(revision)]
+    return matches[0] if len(matches) == 1 else revision
+
+
+def _repo_dir(cache: Path, repo_id: str) -> Path:
+    """Where huggingface_hub keeps a model repo: ``models--owner--name``."""
+    return cache / f"models--{repo_id.replace('/', '--')}"
+
+
+def _not_cached(source: str, repo_id: str, revision: str | None, cache: Path, incomplete: bool) -> InputError:
+    """Say which of repo, revision or files is missing, and how to fetch it."""
+    fetch = f"`{_download_command()} {repo_id}{f' --revision {revision}' if revision else ''}`"
+    repo_dir = _repo_dir(cache, repo_id)
+    if incomplete:
+        return InputError(
+            source, f"the cached snapshot is incomplete (an interrupted download?); complete it with {fetch}"
+        )
+    if not repo_dir.is_dir():
+        return InputError(
+            source,
+            f"no such file or directory, and not in the local Hugging Face cache (HF_HUB_CACHE={cache}); "
+            f"to use the Hub repo, download it first with {fetch}",
+        )
+    known = ", ".join(_cached_revisions(repo_dir)) or "none"
+    return InputError(
+        source,
+        f"revision {revision or 'main'!r} is not in the local Hugging Face cache (cached: {known}); "
+        f"download it with {fetch}",
+    )
+
+
+def _cached_revisions(repo_dir: Path) -> list[str]:
+    """Refs whose snapshot is cached, then short hashes of snapshots no ref names."""
+    refs, snapshots = repo_dir / "refs", repo_dir / "snapshots"
+    cached = {p.name for p in snapshots.iterdir() if p.is_dir()} if snapshots.is_dir() else set()
+    targets = {str(p.relative_to(refs)): p.read_text(errors="replace").strip() for p in refs.rglob("*") if p.is_file()}
+    names = sorted(ref for ref, commit in targets.items() if commit in cached)
+    return names + sorted(c[:12] for c in cached if c not in targets.values())
+
+
+def _check_adapter_files(source: str, snapshot: HubSnapshot) -> None:
+    """A PEFT adapter at the snapshot's root, its symlinks into ``blobs/`` intact."""
+    where = f"the cached snapshot {snapshot.commit[:12]}"
+    for file in (PEFT_CONFIG, PEFT_WEIGHTS):
+        path = snapshot.path / file
+        if path.is_symlink() and not path.exists():
+            raise InputError(
+                source,
+                f"{file} in {where} points to a missing blob ({os.readlink(path)}); "
+                f"download it again with `{_download_command()} {snapshot.repo_id}`",
+            )
+        if path.is_file():
+            continue
+        pickles = sorted(p.name for p in snapshot.path.glob("adapter_model*") if p.suffix in PICKLE_SUFFIXES)
+        if pickles and file == PEFT_WEIGHTS:
+            raise InputError(
+                source, f"{where} has only {pickles[0]}: pickle checkpoints are refused (never unpickled)"
+            )
+        raise InputError(source, f"{where} has no {file}: not a PEFT LoRA adapter, or a partial download")
+
+
+def _download_command() -> str:
+    """``hf download`` on huggingface_hub >= 0.34, ``huggingface-cli download`` before."""
+    import huggingface_hub
+
+    major, minor = (int(x) if x.isdigit() else 0 for x in huggingface_hub.__version__.split(".")[:2])
+    return "hf download" if (major, minor) >= (0, 34) else "huggingface-cli download"
