@@ -16,7 +16,7 @@ import torch
 
 from . import linalg
 from .adapter import Adapter
-from .compress import KRule, module_bases, pad_stack
+from .compress import KRule, module_bases, pad_stack, project_all
 from .errors import InputError
 from .merge import (
     STORE_DTYPES, _adapter_entry, _model_key, finish_adapter_entry, now, refresh_module_stats, source_keys,
@@ -51,32 +51,18 @@ def reproject(
 
     E (T, k, p), F (T, p, k) zero-padded; GU = (UᵀU, UᵀU', U'ᵀU') and GV likewise. The new
     core is the projection (U'ᵀU E)(F VᵀV'), cut by its SVD to p where p is set; the drift is
-    ‖U E F Vᵀ − U' E' F' V'ᵀ‖² = trace((XᵀX)(YYᵀ)) with X = [U E | −U' E'], Y = [F Vᵀ ; F' V'ᵀ].
+    ‖U E F Vᵀ − U' E' F' V'ᵀ‖² (``linalg.difference_norm2`` with X₁ = U E, Y₁ = F Vᵀ, X₂ = U' E',
+    Y₂ = F' V'ᵀ).
     """
     P, Q = GU[1].mT @ E, F @ GV[1]
-    ku2, kv2 = P.shape[1], Q.shape[2]
-    keeps = [min(pt, ku2, kv2, pt if p is None else p) for pt in ps]
-    E2, F2 = P.clone(), Q.clone()
-    cut = [t for t, (keep, pt) in enumerate(zip(keeps, ps)) if keep < pt]
-    if cut:
-        u, sv, vh = torch.linalg.svd(P[cut] @ Q[cut])
-        for i, t in enumerate(cut):
-            root = sv[i, : keeps[t]].sqrt()
-            E2[t].zero_()
-            F2[t].zero_()
-            E2[t, :, : keeps[t]] = u[i, :, : keeps[t]] * root
-            F2[t, : keeps[t]] = root[:, None] * vh[i, : keeps[t]]
+    keeps = [min(pt, P.shape[1], Q.shape[2], pt if p is None else p) for pt in ps]
+    E2, F2 = linalg.split_cores(P, Q, torch.ones(len(ps), dtype=f64), keeps, ps)
     E2, F2 = E2.to(store), F2.to(store)
     E2_64, F2_64 = E2.to(f64), F2.to(f64)
-    XtX = torch.cat([
-        torch.cat([E.mT @ GU[0] @ E, -(E.mT @ GU[1] @ E2_64)], dim=2),
-        torch.cat([-(E2_64.mT @ GU[1].T @ E), E2_64.mT @ GU[2] @ E2_64], dim=2),
-    ], dim=1)
-    YYt = torch.cat([
-        torch.cat([F @ GV[0] @ F.mT, F @ GV[1] @ F2_64.mT], dim=2),
-        torch.cat([F2_64 @ GV[1].T @ F.mT, F2_64 @ GV[2] @ F2_64.mT], dim=2),
-    ], dim=1)
-    drift2 = (XtX * YYt).sum(dim=(1, 2)).clamp_min(0.0)
+    drift2 = linalg.difference_norm2(
+        E.mT @ GU[0] @ E, E.mT @ GU[1] @ E2_64, E2_64.mT @ GU[2] @ E2_64,
+        F @ GV[0] @ F.mT, F @ GV[1] @ F2_64.mT, F2_64 @ GV[2] @ F2_64.mT,
+    )
     moved = [(E2[t, :, :keep].contiguous(), F2[t, :keep].contiguous()) for t, keep in enumerate(keeps)]
     return moved, drift2
 
@@ -139,11 +125,8 @@ def fold_module(
         moved, drift2 = reproject(E, F, ps, GU, GV, p, store)
         cores = dict(zip(names, moved))
         drifts = {t: float(v) for t, v in zip(names, drift2)}
-    keep = min(B.shape[1], U2.shape[1], V2.shape[1], p if p is not None else B.shape[1])
-    E_new, F_new = linalg.core_factors(U2_64, V2_64, B, A, scale, keep)
-    E_new, F_new = E_new.to(store).contiguous(), F_new.to(store).contiguous()
-    err2, norm2 = linalg.squared_error(B, A, scale, U2_64, E_new, F_new, V2_64)
-    return U2, V2, cores, drifts, (E_new, F_new, err2, norm2), curve, done
+    new = project_all(U2, V2, B[None], A[None], torch.tensor([scale], dtype=f64), [B.shape[1]], p, store)[0]
+    return U2, V2, cores, drifts, (new.E, new.F, new.err2, new.norm2), curve, done
 
 
 def add(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -187,43 +188,19 @@ def project_all(
 ) -> list[AdapterCore]:
     """Every adapter's best core on the stored bases, rounded to ``store``, with exact errors.
 
-    Batched over adapters (ranks zero-padded). The error of each adapter is
-    trace((XᵀX)(YYᵀ)) with X = [s B | −U E], Y = [A ; F Vᵀ], in float64 on the stored values.
+    Batched over adapters (ranks zero-padded); errors by ``linalg.squared_errors`` in float64
+    on the stored (rounded) values.
     """
     f64 = torch.float64
     U64, V64 = U.to(f64), V.to(f64)
     B64, A64, s64 = B.to(f64), A.to(f64), s.to(f64)
-    k = min(U.shape[1], V.shape[1])
     P = U64.T @ B64  # (T, k, r)
     Q = A64 @ V64  # (T, r, k)
-    root = s64.abs().sqrt()[:, None, None]
-    E = torch.where(s64[:, None, None] >= 0, root, -root) * P
-    F = root * Q
+    k = min(U.shape[1], V.shape[1])
     keeps = [min(r, k, p if p is not None else r) for r in ranks]
-    cut = [t for t, (keep, r) in enumerate(zip(keeps, ranks)) if keep < r]
-    if cut:
-        u, sv, vh = torch.linalg.svd(s64[cut, None, None] * (P[cut] @ Q[cut]))
-        for i, t in enumerate(cut):
-            kp = keeps[t]
-            E[t].zero_()
-            F[t].zero_()
-            rt = sv[i, :kp].sqrt()
-            E[t, :, :kp] = u[i, :, :kp] * rt
-            F[t, :kp] = rt[:, None] * vh[i, :kp]
+    E, F = linalg.split_cores(P, Q, s64, keeps, ranks)
     E, F = E.to(store), F.to(store)
-    E64, F64 = E.to(f64), F.to(f64)
-    s2 = (s64 * s64)[:, None, None]
-    BtB, AAt = B64.transpose(1, 2) @ B64, A64 @ A64.transpose(1, 2)
-    XtX = torch.cat([
-        torch.cat([s2 * BtB, -s64[:, None, None] * (P.transpose(1, 2) @ E64)], dim=2),
-        torch.cat([-s64[:, None, None] * (E64.transpose(1, 2) @ P), E64.transpose(1, 2) @ (U64.T @ U64) @ E64], dim=2),
-    ], dim=1)
-    YYt = torch.cat([
-        torch.cat([AAt, Q @ F64.transpose(1, 2)], dim=2),
-        torch.cat([F64 @ Q.transpose(1, 2), F64 @ (V64.T @ V64) @ F64.transpose(1, 2)], dim=2),
-    ], dim=1)
-    err2 = (XtX * YYt).sum(dim=(1, 2)).clamp_min(0.0)
-    norm2 = (s2 * BtB * AAt).sum(dim=(1, 2)).clamp_min(0.0)
+    err2, norm2 = linalg.squared_errors(B64, A64, s64, U64, E, F, V64, P, Q)
     return [
         AdapterCore(E[t, :, :kp].contiguous(), F[t, :kp].contiguous(), float(err2[t]), float(norm2[t]))
         for t, kp in enumerate(keeps)
@@ -231,17 +208,11 @@ def project_all(
 
 
 def compress_module(
-    factors: list[tuple[torch.Tensor, torch.Tensor]],
-    scales: list[float],
-    rule: KRule,
-    method: str = "share",
-    sweeps: int = 3,
-    p: int | None = None,
-    store: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
+    factors: list[tuple[torch.Tensor, torch.Tensor]], scales: list[float], rule: KRule, **options: Any
 ) -> ModuleResult:
-    """Shared bases for one module and every adapter's core on them (computed on ``device``)."""
-    return compress_batch([(factors, scales)], rule, method, sweeps, p, store, device)[0]
+    """Shared bases for one module and every adapter's core on them: a batch of one
+    (``options`` as for ``compress_batch``: method, sweeps, p, store, device)."""
+    return compress_batch([(factors, scales)], rule, **options)[0]
 
 
 def compress_batch(

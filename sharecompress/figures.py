@@ -11,17 +11,16 @@ import html
 import importlib
 import io
 import math
-import os
 import re
 import statistics
-import uuid
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .errors import ShareError
-from .storage import fsync_dir, write_bytes_durably
+from .report import human_bytes
+from .storage import staged_file, write_bytes_durably
 
 PLOT_INCHES = (12.0, 11.0)
 PLOT_DPI = 100
@@ -56,18 +55,12 @@ def check_target(path: Path, flag: str) -> Path:
 
 
 def write_file_atomically(path: Path, data: bytes) -> None:
-    """Temp file beside the target, fsync'd, then renamed over it: never a half-written file."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    """Through ``storage.staged_file``: never a half-written file; an OSError is one line."""
     try:
-        write_bytes_durably(temp, data)
-        os.replace(temp, path)
-    except BaseException as exc:
-        temp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):  # full disk, no permission: the user's to fix, in one line
-            raise TargetError(f"{path}: cannot write: {exc.strerror or exc}") from None
-        raise
-    fsync_dir(path.parent.resolve())
+        with staged_file(Path(path)) as temp:
+            write_bytes_durably(temp, data)
+    except OSError as exc:  # full disk, no permission: the user's to fix, in one line
+        raise TargetError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def check_outputs(plot: Path | None, html_to: Path | None) -> None:
@@ -485,10 +478,6 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.2f} MB" if n >= 1e5 else f"{n / 1e3:,.1f} kB"
-
-
 def _summary_html(report: dict, max_error: float | None) -> str:
     """The headline figures; each exact value is in the cell's title (hover) as --json prints it."""
     rows = [
@@ -496,15 +485,15 @@ def _summary_html(report: dict, max_error: float | None) -> str:
         ("energy kept", f"{report['energy_kept']:.4%}", repr(report["energy_kept"])),
         ("compression (all-in)", f"{report['compression_ratio']:.2f}×", repr(report["compression_ratio"])),
         ("compression (coefficients only)", f"{report['coefficient_ratio']:.2f}×", repr(report["coefficient_ratio"])),
-        ("LoRA bytes", f"{_mb(report['bytes_original'])} → {_mb(report['bytes_compressed'])} "
-                       f"(basis {_mb(report['bytes_basis'])} + coefficients {_mb(report['bytes_coefficients'])})", ""),
+        ("LoRA bytes", f"{human_bytes(report['bytes_original'])} → {human_bytes(report['bytes_compressed'])} "
+                       f"(basis {human_bytes(report['bytes_basis'])} + coefficients {human_bytes(report['bytes_coefficients'])})", ""),
         ("adapters / modules", f"{len(report['adapters'])} / {len(report['modules'])}", ""),
         ("k per module (U)", _k_counts(report["modules"]), ""),
         ("method, stored as", f"{report.get('method')}, {report.get('dtype')}", ""),
         ("base model", str(report.get("base_model")), ""),
     ]
     if report.get("bytes_extras"):
-        rows.append(("non-LoRA tensors (verbatim)", _mb(report["bytes_extras"]), ""))
+        rows.append(("non-LoRA tensors (verbatim)", human_bytes(report["bytes_extras"]), ""))
     if max_error is not None:
         over = sum(a["relative_error"] > max_error for a in report["adapters"])
         rows.append((f"above --max-error {max_error:g}", str(over), ""))
@@ -561,7 +550,7 @@ def _adapters_html(report: dict, max_error: float | None) -> str:
             f'<tr{_class(cls)}><td class="name">{_e(a["name"])}</td><td>{_e(a["rank"])}</td><td>{_e(a["p"])}</td>'
             f'<td class="err" title="{_e(repr(a["relative_error"]))}">{a["relative_error"]:.4g}</td>'
             f'<td>{"yes" if a["exact"] else "bound"}</td><td>{a["max_module_error"]:.4g}</td>'
-            f'<td>{a["merge_error"]:.4g}</td><td>{a["drift"]:.3g}</td><td>{_e(_mb(a["bytes_original"]))}</td></tr>'
+            f'<td>{a["merge_error"]:.4g}</td><td>{a["drift"]:.3g}</td><td>{_e(human_bytes(a["bytes_original"]))}</td></tr>'
         )
     return f"<h2>Adapters</h2><table>{head}{''.join(rows)}</table>"
 

@@ -228,40 +228,71 @@ def core_factors(
     U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, p: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """E (k × p), F (p × k) with E·F the best rank-p core for one adapter on these bases."""
-    return core_from_projections(U.T @ B, A @ V, scale, p)
+    keep = min(p, B.shape[1])
+    E, F = split_cores((U.T @ B)[None], (A @ V)[None], torch.tensor([scale], dtype=B.dtype), [keep], [B.shape[1]])
+    return E[0, :, :keep], F[0, :keep]
 
 
-def core_from_projections(P: torch.Tensor, Q: torch.Tensor, scale: float, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors of the core C = s·P·Q (P = UᵀB, k × r; Q = A·V, r × k), cut to rank p by its SVD.
+def split_cores(
+    P: torch.Tensor, Q: torch.Tensor, s: torch.Tensor, keeps: list[int], ranks: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (E, F) of each core C_t = s_t·P_t·Q_t, batched (P (T, k, r) = UᵀB, Q (T, r, k) = A·V).
 
-    With p ≥ r the core is kept exactly, split evenly as (√s P, √s Q).
+    Where ``keeps[t]`` reaches the adapter's rank ``ranks[t]`` the core is kept exactly, split
+    evenly as (±√|s| P, √|s| Q); below it the core is cut to its best rank-``keeps[t]`` part by
+    SVD. Both come back zero-padded to r columns of E (rows of F): E·F is unchanged.
     """
-    r = P.shape[1]
-    if p >= r:
-        root = abs(scale) ** 0.5
-        return (root if scale >= 0 else -root) * P, root * Q
-    u, sv, vh = torch.linalg.svd(scale * (P @ Q))
-    root = sv[:p].sqrt()
-    return u[:, :p] * root, root[:, None] * vh[:p]
+    root = s.abs().sqrt()[:, None, None]
+    E = torch.where(s[:, None, None] >= 0, root, -root) * P
+    F = root * Q
+    cut = [t for t, (keep, rank) in enumerate(zip(keeps, ranks)) if keep < rank]
+    if cut:
+        u, sv, vh = torch.linalg.svd(s[cut, None, None] * (P[cut] @ Q[cut]))
+        for i, t in enumerate(cut):
+            keep, rt = keeps[t], sv[i, : keeps[t]].sqrt()
+            E[t].zero_()
+            F[t].zero_()
+            E[t, :, :keep] = u[i, :, :keep] * rt
+            F[t, :keep] = rt[:, None] * vh[i, :keep]
+    return E, F
 
 
-def gram_error2(XtX: torch.Tensor, YYt: torch.Tensor) -> float:
-    """‖X Y‖²_F = trace((XᵀX)(YYᵀ)) for symmetric Gram blocks already formed."""
-    return max(float(torch.sum(XtX * YYt)), 0.0)
+def difference_norm2(
+    G11: torch.Tensor, G12: torch.Tensor, G22: torch.Tensor, H11: torch.Tensor, H12: torch.Tensor, H22: torch.Tensor
+) -> torch.Tensor:
+    """‖X₁Y₁ − X₂Y₂‖²_F from Grams only, batched over leading dimensions.
+
+    With G11 = X₁ᵀX₁, G12 = X₁ᵀX₂, G22 = X₂ᵀX₂, H11 = Y₁Y₁ᵀ, H12 = Y₁Y₂ᵀ, H22 = Y₂Y₂ᵀ it is
+    ⟨G11, H11⟩ − 2⟨G12, H12⟩ + ⟨G22, H22⟩: (r + p)-sized products, never an n × d matrix.
+    """
+    inner = lambda G, H: (G * H).sum(dim=(-2, -1))  # noqa: E731
+    return (inner(G11, H11) - 2 * inner(G12, H12) + inner(G22, H22)).clamp_min(0.0)
+
+
+def squared_errors(
+    B: torch.Tensor, A: torch.Tensor, s: torch.Tensor, U: torch.Tensor, E: torch.Tensor, F: torch.Tensor, V: torch.Tensor,
+    P: torch.Tensor | None = None, Q: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖ΔW_t − U E_t F_t Vᵀ‖², ‖ΔW_t‖²) for every t exactly, in float64, batched over adapters.
+
+    X₁ = s B, Y₁ = A against X₂ = U E, Y₂ = F Vᵀ (``difference_norm2``). Holds for any U, V,
+    orthonormal or not, so it measures what is stored (rounded to the storage dtype).
+    ``P`` = UᵀB and ``Q`` = A V, when the caller has them, are not computed again.
+    """
+    f64 = torch.float64
+    B, A, s, U, E, F, V = (t.to(f64) for t in (B, A, s, U, E, F, V))
+    P = U.T @ B if P is None else P.to(f64)
+    Q = A @ V if Q is None else Q.to(f64)
+    s1 = s[:, None, None]
+    G11 = s1 * s1 * (B.mT @ B)
+    H11 = A @ A.mT
+    err2 = difference_norm2(G11, s1 * (P.mT @ E), E.mT @ (U.T @ U) @ E, H11, Q @ F.mT, F @ (V.T @ V) @ F.mT)
+    return err2, (G11 * H11).sum(dim=(-2, -1)).clamp_min(0.0)
 
 
 def squared_error(
     B: torch.Tensor, A: torch.Tensor, scale: float, U: torch.Tensor, E: torch.Tensor, F: torch.Tensor, V: torch.Tensor
 ) -> tuple[float, float]:
-    """(‖ΔW − U E F Vᵀ‖², ‖ΔW‖²) exactly, from (r + p)-sized Gram matrices in float64.
-
-    X = [s B | −U E], Y = [A ; F Vᵀ]  ⇒  ‖X Y‖² = trace((XᵀX)(YYᵀ)). Holds for any U, V,
-    orthonormal or not, so it measures what is stored (rounded to the storage dtype).
-    """
-    f64 = torch.float64
-    B, A, U, E, F, V = (t.to(f64) for t in (B, A, U, E, F, V))
-    X = torch.cat([scale * B, -(U @ E)], dim=1)
-    Y = torch.cat([A, F @ V.T], dim=0)
-    err2 = float(torch.sum((X.T @ X) * (Y @ Y.T)))
-    norm2 = scale * scale * float(torch.sum((B.T @ B) * (A @ A.T)))
-    return max(err2, 0.0), max(norm2, 0.0)
+    """``squared_errors`` for one adapter, as floats."""
+    err2, norm2 = squared_errors(B[None], A[None], torch.tensor([scale], dtype=torch.float64), U, E[None], F[None], V)
+    return float(err2[0]), float(norm2[0])

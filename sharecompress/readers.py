@@ -245,8 +245,8 @@ def parse_adapter(
     """Pair each module's A (down) and B (up) keys under ``layout``; other tensors are extras kept verbatim.
 
     kohya / diffusers alpha scalars are consumed into the scale (export writes them back), not kept as extras.
+    The callers (``read_peft_dir``, ``read_bare_file``) have already refused non-low-rank formats.
     """
-    _refuse_not_low_rank(file)
     names = formats.SIDE_NAMES[layout]
     pairs, kinds, extras = _pair_keys(file, layout)
     if not pairs:

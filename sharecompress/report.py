@@ -80,7 +80,7 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
     }
 
 
-def _mb(n: int) -> str:
+def human_bytes(n: int) -> str:
     return f"{n / 1e6:,.2f} MB" if n >= 1e5 else f"{n / 1e3:,.1f} kB"
 
 
@@ -104,9 +104,9 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
     )
     console.print(f"{len(report['modules'])} modules: {k_text}")
     console.print(
-        f"LoRA bytes: original {_mb(report['bytes_original'])} → basis {_mb(report['bytes_basis'])} + "
-        f"coefficients {_mb(report['bytes_coefficients'])} = {_mb(report['bytes_compressed'])}: "
+        f"LoRA bytes: original {human_bytes(report['bytes_original'])} → basis {human_bytes(report['bytes_basis'])} + "
+        f"coefficients {human_bytes(report['bytes_coefficients'])} = {human_bytes(report['bytes_compressed'])}: "
         f"[bold]{report['compression_ratio']:.2f}×[/] all-in, {report['coefficient_ratio']:.2f}× coefficients only"
     )
     if report["bytes_extras"]:
-        console.print(f"non-LoRA tensors kept verbatim: {_mb(report['bytes_extras'])} (in neither figure)")
+        console.print(f"non-LoRA tensors kept verbatim: {human_bytes(report['bytes_extras'])} (in neither figure)")

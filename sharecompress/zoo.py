@@ -68,6 +68,7 @@ class Zoo:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
+        self._bases: tuple[tuple, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     @classmethod
     def open(cls, path: str | Path = DEFAULT_ZOO) -> "Zoo":
@@ -98,9 +99,12 @@ class Zoo:
             raise ZooError(exc.path, exc.problem) from None
 
     def bases(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{module: (U, V)} as stored."""
-        f = self._file(self.manifest["basis_file"])
-        return {m: (f.read(f"{m}.U"), f.read(f"{m}.V")) for m in self.modules}
+        """{module: (U, V)} as stored; read once per basis generation (``export --all`` asks per adapter)."""
+        key = (self.manifest["basis_file"], self.manifest.get("basis_sha256"))
+        if self._bases is None or self._bases[0] != key:
+            f = self._file(self.manifest["basis_file"])
+            self._bases = (key, {m: (f.read(f"{m}.U"), f.read(f"{m}.V")) for m in self.modules})
+        return dict(self._bases[1])
 
     def cores(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{module: (E, F)} of one adapter as stored."""
