@@ -32,6 +32,7 @@ class LoraModule:
     b_shape: tuple[int, ...]
     dtype: str
     alpha_key: str | None = None  # kohya / diffusers: the alpha scalar read (and written back)
+    stored_rank: int | None = None  # the files' rank when above min(n, d) (``rank`` is then min(n, d))
 
 
 @dataclass
@@ -82,7 +83,24 @@ class Adapter:
                 raise InputError(self.file.path, f"tensor {key!r} contains NaN or Inf")
         if dtype is None:
             dtype = torch.float64 if spec.dtype == "F64" else torch.float32
-        return b.reshape(spec.n, spec.rank).to(dtype), a.reshape(spec.rank, spec.d).to(dtype)
+        stored = spec.stored_rank or spec.rank
+        b, a = b.reshape(spec.n, stored), a.reshape(stored, spec.d)
+        if stored > spec.rank:
+            return reduce_rank(b, a, dtype)
+        return b.to(dtype), a.to(dtype)
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         return {key: self.file.read(key) for key in self.extras}
+
+
+def reduce_rank(b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same update B·A with rank min(n, d), for factors whose rank is above it.
+
+    B·A (n × d) is smaller than the factors themselves here (n·d < r·(n + d) when r > min(n, d)),
+    so nothing is allocated beyond the module's own size, whatever rank a file claims.
+    """
+    n, d = b.shape[0], a.shape[1]
+    w = b.to(torch.float64) @ a.to(torch.float64)
+    if n <= d:
+        return torch.eye(n, dtype=dtype), w.to(dtype)
+    return w.to(dtype), torch.eye(d, dtype=dtype)

@@ -20,11 +20,11 @@ from .compress import KRule, module_bases, pad_stack, project_all
 from .errors import InputError
 from .merge import (
     STORE_DTYPES, _adapter_entry, _model_key, finish_adapter_entry, now, refresh_module_stats, source_keys,
-    write_adapter_files,
+    unique_stem, write_adapter_files,
 )
 from .formats import zoo_module_layouts
 from .readers import find_adapters
-from .storage import safe_name, save_tensors_durably, file_sha256
+from .storage import save_tensors
 from .transaction import Transaction, pause_point
 from .zoo import Zoo
 
@@ -232,26 +232,21 @@ def _write_generation(tx: Transaction, manifest: dict, bases, cores, fresh: dict
     flat = {}
     for module, (U, V) in bases.items():
         flat[f"{module}.U"], flat[f"{module}.V"] = U, V
-    save_tensors_durably(tx.zoo / basis_rel, flat, {"format": "pt", "sharecompress": "basis"})
+    manifest["basis_sha256"] = save_tensors(tx.root, basis_rel, flat, {"format": "pt", "sharecompress": "basis"})
     manifest["basis_file"] = basis_rel
-    manifest["basis_sha256"] = file_sha256(tx.zoo / basis_rel)
     pause_point("after-basis")
-    (tx.zoo / "adapters").mkdir(exist_ok=True)
     used = {Path(e["file"]).name.split(".")[0].lower() for e in manifest["adapters"] if e.get("file")}
     for entry in manifest["adapters"]:
         tensors = {}
         for module, (E, F) in cores[entry["name"]].items():
             tensors[f"{module}.E"], tensors[f"{module}.F"] = E, F
         if entry["name"] in fresh:
-            stem = safe_name(entry["name"])
-            while stem.lower() in used:
-                stem += "_"
-            used.add(stem.lower())
-            entry.update(write_adapter_files(tx.zoo, f"adapters/{stem}", tensors, fresh[entry["name"]].extra_tensors(), gen))
+            stem = unique_stem(entry["name"], used)
+            entry.update(write_adapter_files(tx.adapters, stem, tensors, fresh[entry["name"]].extra_tensors(), gen))
         else:
             stem = entry["file"].rsplit("/", 1)[1].split(".")[0]
-            rel = f"adapters/{stem}.g{gen}.safetensors"
-            save_tensors_durably(tx.zoo / rel, tensors, {"format": "pt", "sharecompress": "coefficients"})
-            entry["file"], entry["file_sha256"] = rel, file_sha256(tx.zoo / rel)
+            name = f"{stem}.g{gen}.safetensors"
+            entry["file_sha256"] = save_tensors(tx.adapters, name, tensors, {"format": "pt", "sharecompress": "coefficients"})
+            entry["file"] = f"adapters/{name}"
         finish_adapter_entry(entry)
         pause_point("between-adapters")

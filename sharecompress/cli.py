@@ -48,6 +48,11 @@ def user_errors() -> Iterator[None]:
         raise fail(str(exc), exc.exit_code) from None
     except ValueError as exc:
         raise fail(str(exc)) from None
+    except OSError as exc:  # no space, permission, name too long, …: the path and the system's words
+        where = exc.filename if exc.filename is not None else "sharecompress"
+        raise fail(f"{where}: {exc.strerror or exc}") from None
+    except KeyboardInterrupt:
+        raise fail("interrupted; nothing was written", 130) from None
 
 
 @contextmanager
@@ -202,9 +207,10 @@ def export(
     out: Path = typer.Option(..., "--out", help="Output directory (with --all or several names: one subdirectory each); a kohya or diffusers adapter may also go to a file ending in .safetensors."),
     all_: bool = typer.Option(False, "--all", help="Export every adapter."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
-    force: bool = typer.Option(False, "--force", help="Replace existing output directories."),
+    force: bool = typer.Option(False, "--force", help="Replace earlier exports: only a directory holding an exported adapter's files, or a .safetensors file; never anything else."),
 ) -> None:
     """Rebuild adapters from the zoo, each in the key layout it came in (PEFT, kohya, diffusers)."""
+    from .export import export_adapters
     from .zoo import Zoo
 
     with user_errors():
@@ -214,10 +220,11 @@ def export(
             raise ValueError("name an adapter to export, or pass --all")
         for name in chosen:
             opened.adapter(name)  # every name checked before anything is written
-        for name in chosen:
-            target = out / name if (all_ or len(chosen) > 1) else out
-            opened.export(name, target, dtype=dtype, force=force)
-            err.print(f"exported {name} → {target}", highlight=False)
+        jobs = [(name, out / name if (all_ or len(chosen) > 1) else out) for name in chosen]
+        export_adapters(
+            opened, jobs, dtype=dtype, force=force,
+            done=lambda name, target: err.print(escape(f"exported {name} → {target}"), highlight=False),
+        )
 
 
 @app.command()

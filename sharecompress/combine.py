@@ -13,8 +13,8 @@ from typing import Iterable
 
 from .errors import ZooError
 from .merge import check_target, write_zoo_files
-from .storage import staged_directory, write_json_durably
-from .zoo import MANIFEST, Zoo
+from .storage import staged_directory, write_json
+from .zoo import MANIFEST, Zoo, replaceable_zoo
 
 _SAME = ("method", "k_rule", "sweeps", "p", "dtype", "base_model")
 
@@ -63,9 +63,9 @@ def combine(parts: Iterable[str | os.PathLike], zoo: str | os.PathLike, force: b
             entry.pop(key, None)
     extras = {name: (lambda n=name: extras_from[n].extras(n) if n in extras_from else {}) for name in names}
 
-    with staged_directory(target) as staging:
+    with staged_directory(target, replaceable_zoo if force else None, lock=True) as staging:
         manifest = write_zoo_files(names, basis, modules, cores, entries, extras, staging)
         manifest.update({key: first.manifest.get(key) for key in _SAME})
         manifest["combined_from"] = count
-        write_json_durably(staging / MANIFEST, manifest)
+        write_json(staging, MANIFEST, manifest)
     return Zoo.open(target)

@@ -9,8 +9,7 @@ from typing import Any
 import torch
 
 from . import linalg
-
-METHODS = ("share", "paper")
+from .schema import METHODS  # one list, also checked on every manifest read
 
 
 @dataclass(frozen=True)

@@ -25,3 +25,17 @@ class ZooError(ShareError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class StorageError(ShareError):
+    """The operating system refused a read or write (no space, permission, name too long, …)."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class ZooChanged(ZooError):
+    """A file named by the manifest we hold is gone or different because a writer published a
+    new generation meanwhile: the reader starts again from the new manifest."""

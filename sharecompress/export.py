@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import formats
-from .errors import ZooError
-from .storage import safe_name, save_tensors_durably, staged_directory, staged_file, write_json_durably
+from .confined import Dir
+from .errors import StorageError, ZooError
+from .storage import publish_directory, remove_tree, safe_name, save_tensors, write_json
 from .zoo import Zoo, refuse_partial
 
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -92,29 +97,149 @@ def weights_name(entry: dict) -> str:
     return formats.DIFFUSERS_WEIGHTS if entry.get("layout") == "diffusers" else f"{safe_name(entry['name'])}.safetensors"
 
 
+ALLOWED_IN_PEFT_DIR = frozenset({"adapter_model.safetensors", "adapter_config.json", "README.md"})
+
+
+def _is_file_target(entry: dict, out: Path) -> bool:
+    return entry.get("layout", "peft") != "peft" and out.suffix == ".safetensors"
+
+
+def _own_files(entry: dict) -> frozenset[str]:
+    """What an export directory of this adapter holds: all ``--force`` may replace."""
+    return ALLOWED_IN_PEFT_DIR if entry.get("layout", "peft") == "peft" else frozenset({weights_name(entry)})
+
+
+def check_target(zoo_path: Path, entry: dict, out: Path, force: bool) -> None:
+    """Refuse a target that is, holds or lies inside the zoo, a link, or (with ``--force``) anything
+    but what export itself writes: a regular ``.safetensors`` file, or a directory holding only an
+    exported adapter's files."""
+    real_out, real_zoo = Path(os.path.realpath(out.parent)) / out.name, Path(os.path.realpath(zoo_path))
+    if real_out == real_zoo or real_zoo in real_out.parents or real_out in real_zoo.parents:
+        raise ZooError(out, f"is, holds or lies inside the zoo {zoo_path}; export somewhere else")
+    if not os.path.lexists(out):
+        return
+    if os.path.islink(out):
+        raise ZooError(out, "is a symbolic link; refusing to replace it")
+    if not force:
+        raise ZooError(out, "already exists; pass --force to replace it")
+    if _is_file_target(entry, out):
+        if not stat.S_ISREG(os.lstat(out).st_mode):
+            raise ZooError(out, "exists and is not a regular file; refusing to replace it")
+        return
+    if not os.path.isdir(out):
+        raise ZooError(out, "exists and is not a directory; --force replaces only an exported adapter")
+    with Dir.open(out, follow=False) as where:
+        others = [n for n in where.names() if n not in _own_files(entry) or not stat.S_ISREG(where.lstat(n).st_mode)]
+    if others:
+        raise ZooError(out, f"holds other files ({', '.join(others[:3])}); --force replaces only an exported adapter")
+
+
+@dataclass
+class _Staged:
+    """One export written under a hidden name beside its target, waiting to be published."""
+
+    parent: Dir
+    name: str
+    target: Path
+    entry: dict
+    is_dir: bool
+
+
+def export_adapters(
+    zoo: Zoo, jobs: list[tuple[str, str | os.PathLike]], dtype: str = "float32", force: bool = False,
+    done: Callable[[str, Path], None] | None = None,
+) -> list[Path]:
+    """Export each (adapter name, target): every target checked before any is written, every
+    adapter written (from one generation of the zoo) before any is published."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype {dtype}: choose {', '.join(EXPORT_DTYPES)}")
+    refuse_partial(zoo.path, zoo.manifest)
+    jobs = [(name, Path(out)) for name, out in jobs]
+    seen: set[Path] = set()
+    for name, out in jobs:
+        if out in seen:
+            raise ZooError(out, "is the target of two exports")
+        seen.add(out)
+        check_target(zoo.path, zoo.adapter(name), out, force)
+    staged = zoo.consistent(lambda: _stage_all(zoo, jobs, EXPORT_DTYPES[dtype]))
+    try:
+        while staged:
+            item = staged[0]
+            replace = (lambda t, e=item.entry: check_target(zoo.path, e, t, True)) if force else None
+            if item.is_dir:
+                publish_directory(item.parent, item.name, item.target, replace, lock=False)
+            else:
+                _publish_file(item, replace)
+            staged.pop(0).parent.close()
+            if done:
+                done(item.entry["name"], item.target)
+    finally:
+        for item in staged:  # not published (an error above): leave nothing behind
+            _discard(item)
+    return [out for _, out in jobs]
+
+
+def _stage_all(zoo: Zoo, jobs: list[tuple[str, Path]], dtype: torch.dtype) -> list[_Staged]:
+    staged: list[_Staged] = []
+    try:
+        for name, out in jobs:
+            staged.append(_stage(zoo, zoo.adapter(name), out, dtype))
+    except BaseException:
+        for item in staged:
+            _discard(item)
+        raise
+    return staged
+
+
+def _stage(zoo: Zoo, entry: dict, out: Path, dtype: torch.dtype) -> _Staged:
+    tensors, r = adapter_tensors(zoo, entry["name"], dtype)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(out.parent, exc.strerror or str(exc)) from None
+    parent = Dir.open(out.parent)
+    name = f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if _is_file_target(entry, out):
+        item = _Staged(parent, name, out, entry, False)
+        try:
+            save_tensors(parent, name, tensors, file_metadata(entry, r))
+        except BaseException:
+            parent.close()
+            raise
+        return item
+    item = _Staged(parent, name, out, entry, True)
+    try:
+        with parent.sub(name, create=True) as folder:
+            if entry.get("layout", "peft") == "peft":
+                save_tensors(folder, "adapter_model.safetensors", tensors, {"format": "pt"})
+                write_json(folder, "adapter_config.json", exported_config(entry, zoo.manifest.get("base_model"), r))
+            else:
+                save_tensors(folder, weights_name(entry), tensors, file_metadata(entry, r))
+            folder.fsync()
+    except BaseException:
+        _discard(item)
+        raise
+    return item
+
+
+def _publish_file(item: _Staged, replace: Callable[[Path], None] | None) -> None:
+    leaf = item.target.name
+    if item.parent.lstat(leaf) is not None:
+        if replace is None:
+            raise ZooError(item.target, "already exists; pass --force to replace it")
+        replace(item.target)
+    item.parent.replace(item.name, leaf)
+    item.parent.fsync()
+
+
+def _discard(item: _Staged) -> None:
+    if item.is_dir:
+        remove_tree(item.parent, item.name)
+    else:
+        item.parent.unlink(item.name, missing_ok=True)
+    item.parent.close()
+
+
 def export(zoo: Zoo, name: str, out: str | os.PathLike, dtype: str = "float32", force: bool = False) -> Path:
     """Write adapter ``name`` at ``out`` in its own layout (whole, or not at all); returns ``out``."""
-    out = Path(out)
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}")
-    refuse_partial(zoo.path, zoo.manifest)
-    entry = zoo.adapter(name)
-    if out.exists() and not force:
-        raise ZooError(out, "already exists; pass --force to replace it")
-    tensors, r = adapter_tensors(zoo, name, EXPORT_DTYPES[dtype])
-    layout = entry.get("layout", "peft")
-    if layout == "peft":
-        with staged_directory(out) as staging:
-            save_tensors_durably(staging / "adapter_model.safetensors", tensors, {"format": "pt"})
-            write_json_durably(staging / "adapter_config.json", exported_config(entry, zoo.manifest.get("base_model"), r))
-        return out
-    metadata = file_metadata(entry, r)
-    if out.suffix == ".safetensors":
-        if out.is_dir():
-            raise ZooError(out, "is a directory; name a .safetensors file, or a directory without that suffix")
-        with staged_file(out) as staging:
-            save_tensors_durably(staging, tensors, metadata)
-        return out
-    with staged_directory(out) as staging:
-        save_tensors_durably(staging / weights_name(entry), tensors, metadata)
-    return out
+    return export_adapters(zoo, [(name, out)], dtype=dtype, force=force)[0]

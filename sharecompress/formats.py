@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 from .errors import InputError
+from .jsonio import JSONProblem, loads
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -153,9 +154,9 @@ def diffusers_configs(metadata: dict[str, str], where: object) -> dict[str, dict
     if not raw:
         return {}
     try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InputError(where, f"{DIFFUSERS_METADATA} in the header is not valid JSON ({exc})") from None
+        flat = loads(raw)
+    except JSONProblem as exc:
+        raise InputError(where, f"{DIFFUSERS_METADATA} in the header is not usable JSON: {exc}") from None
     if not isinstance(flat, dict):
         raise InputError(where, f"{DIFFUSERS_METADATA} in the header is not a JSON object")
     configs: dict[str, dict] = {}

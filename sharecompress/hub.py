@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .adapter import Adapter
-from .errors import InputError
+from .confined import read_regular
+from .errors import InputError, ShareError
 from .readers import PEFT_CONFIG, PEFT_WEIGHTS, PICKLE_SUFFIXES, read_peft_dir
 
 # Hub rules: owner and name of letters, digits, "-", "_", "." (no "--" or "..", not starting or
@@ -80,10 +81,40 @@ def resolve_hub_source(source: str) -> HubSnapshot | None:
         return None
     repo_id, revision = parsed
     cache = hub_cache_dir()
+    _check_ref(source, cache, repo_id, revision)
     path = _cached_snapshot(source, repo_id, revision, cache)
     snapshot = HubSnapshot(repo_id, revision, path.name, path)
+    _confine(source, snapshot, _repo_dir(cache, repo_id))
     _check_adapter_files(source, snapshot)
     return snapshot
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _check_ref(source: str, cache: Path, repo_id: str, revision: str | None) -> None:
+    """A ref file huggingface_hub will read must be a small regular file holding a commit hash:
+    a planted FIFO would hang the lookup, and ``../..`` would lead out of the cache."""
+    ref = _repo_dir(cache, repo_id) / "refs" / (revision or "main")
+    if not os.path.lexists(ref) or (revision and _COMMIT.fullmatch(revision)):
+        return
+    try:
+        text = read_regular(ref, 256).decode("ascii", "replace").strip()
+    except ShareError as exc:
+        raise InputError(source, f"the cache's ref {ref} cannot be used: {getattr(exc, 'problem', exc)}") from None
+    if os.path.islink(ref) or not _COMMIT.fullmatch(text):
+        raise InputError(source, f"the cache's ref {ref} does not hold a commit hash: refused")
+
+
+def _confine(source: str, snapshot: HubSnapshot, repo_dir: Path) -> None:
+    """The snapshot and the files it links to must lie inside the repo's own cache folder."""
+    inside = repo_dir.resolve()
+    if not _COMMIT.fullmatch(snapshot.commit) or snapshot.path.resolve().parent != inside / "snapshots":
+        raise InputError(source, f"the cached snapshot {snapshot.path} is not a commit folder of {repo_dir}: refused")
+    for file in (PEFT_CONFIG, PEFT_WEIGHTS):
+        target = (snapshot.path / file).resolve()
+        if os.path.lexists(snapshot.path / file) and inside not in target.parents:
+            raise InputError(source, f"{file} in the cached snapshot points outside the cache ({target}): refused")
 
 
 def read_hub_adapter(snapshot: HubSnapshot, layout: str = "auto") -> Adapter:
@@ -149,7 +180,13 @@ def _cached_revisions(repo_dir: Path) -> list[str]:
     """Refs whose snapshot is cached, then short hashes of snapshots no ref names."""
     refs, snapshots = repo_dir / "refs", repo_dir / "snapshots"
     cached = {p.name for p in snapshots.iterdir() if p.is_dir()} if snapshots.is_dir() else set()
-    targets = {str(p.relative_to(refs)): p.read_text(errors="replace").strip() for p in refs.rglob("*") if p.is_file()}
+    targets = {}
+    for p in refs.rglob("*") if refs.is_dir() else []:
+        if p.is_file() and not p.is_symlink():
+            try:
+                targets[str(p.relative_to(refs))] = read_regular(p, 256).decode("ascii", "replace").strip()
+            except ShareError:
+                continue
     names = sorted(ref for ref, commit in targets.items() if commit in cached)
     return names + sorted(c[:12] for c in cached if c not in targets.values())
 

@@ -15,8 +15,10 @@ from .adapter import Adapter, LoraModule
 from .compress import METHODS, KRule, ModuleResult, compress_batch
 from .errors import InputError, ZooError
 from .readers import find_adapters
-from .storage import file_sha256, fsync_dir, safe_name, save_tensors_durably, staged_directory, write_json_durably
-from .zoo import DEFAULT_ZOO, FORMAT, FORMAT_VERSION, MANIFEST, Zoo
+from .confined import Dir
+from .names import printable
+from .storage import safe_name, save_tensors, staged_directory, write_json
+from .zoo import DEFAULT_ZOO, FORMAT, FORMAT_VERSION, MANIFEST, Zoo, replaceable_zoo
 
 DEFAULT_ENERGY = 0.99
 DEFAULT_SWEEPS = 3
@@ -82,13 +84,15 @@ def module_shapes(adapters: list[Adapter]) -> dict[str, tuple[int, int]]:
 
 
 def check_target(target: Path, force: bool) -> None:
-    if not target.exists():
-        return
+    """Refuse early (before any compute) a target that exists without ``force``, or that is not a zoo."""
+    if not os.path.lexists(target):
+        from .storage import restore_interrupted_swap
+
+        if not restore_interrupted_swap(target):
+            return
     if not force:
         raise ZooError(target, "already exists; pass --force to replace it")
-    if target.is_dir() and ((target / MANIFEST).is_file() or not any(target.iterdir())):
-        return
-    raise ZooError(target, "exists and is not a sharecompress zoo; refusing to replace it")
+    replaceable_zoo(target)
 
 
 def merge(
@@ -147,7 +151,7 @@ def merge(
     store_name = storage_dtype(adapters, dtype)
     store = STORE_DTYPES[store_name]
 
-    with staged_directory(target) as staging:
+    with staged_directory(target, replaceable_zoo if force else None, lock=True) as staging:
         with_extras = shard is None or shard[0] == 1  # heads go with the first part only
         manifest = _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging, progress, compute_on, with_extras)
         if shard is not None:
@@ -160,7 +164,7 @@ def merge(
             p=p,
             dtype=store_name,
         )
-        write_json_durably(staging / MANIFEST, manifest)
+        write_json(staging, MANIFEST, manifest)
     return Zoo.open(target)
 
 
@@ -206,7 +210,7 @@ def _load(holders_of: dict[str, list[Adapter]], modules: list[str]) -> list[list
     return [[a.factors(module, None) for a in holders_of[module]] for module in modules]
 
 
-def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: Path, progress, device, with_extras=True) -> dict:
+def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: Dir, progress, device, with_extras=True) -> dict:
     """Compute every batch of modules (reading the next while this one computes), then write the files."""
     cores: dict[str, dict[str, torch.Tensor]] = {a.name: {} for a in adapters}
     entries = {a.name: _adapter_entry(a, hashed=False) for a in adapters}
@@ -276,24 +280,20 @@ def source_keys(spec: LoraModule) -> dict:
     return keys
 
 
-def write_zoo_files(names, basis, modules, cores, entries, extras, staging: Path) -> dict:
+def write_zoo_files(names, basis, modules, cores, entries, extras, staging: Dir) -> dict:
     """Basis and per-adapter files into ``staging``; returns the manifest naming them.
 
     ``extras`` maps a name to a loader of that adapter's non-LoRA tensors (read only now, one
     adapter at a time, so heads never pile up in memory).
     """
-    save_tensors_durably(staging / "basis.safetensors", basis, {"format": "pt", "sharecompress": "basis"})
-    (staging / "adapters").mkdir()
+    basis_sha = save_tensors(staging, "basis.safetensors", basis, {"format": "pt", "sharecompress": "basis"})
     used: set[str] = set()
-    for name in names:
-        stem = safe_name(name)
-        while stem.lower() in used:
-            stem += "_"
-        used.add(stem.lower())
-        entry = entries[name]
-        entry.update(write_adapter_files(staging, f"adapters/{stem}", cores[name], extras[name]()))
-        finish_adapter_entry(entry)
-    fsync_dir(staging / "adapters")
+    with staging.sub("adapters", create=True) as folder:
+        for name in names:
+            entry = entries[name]
+            entry.update(write_adapter_files(folder, unique_stem(name, used), cores[name], extras[name]()))
+            finish_adapter_entry(entry)
+        folder.fsync()
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -302,33 +302,41 @@ def write_zoo_files(names, basis, modules, cores, entries, extras, staging: Path
         "created": now(),
         "updated": now(),
         "basis_file": "basis.safetensors",
-        "basis_sha256": file_sha256(staging / "basis.safetensors"),
+        "basis_sha256": basis_sha,
         "modules": modules,
         "adapters": [entries[name] for name in names],
     }
 
 
-def write_adapter_files(root: Path, stem: str, cores: dict, extras: dict, generation: int = 1) -> dict:
-    """An adapter's cores file and, when it has non-LoRA tensors, its extras file.
+def unique_stem(name: str, used: set[str]) -> str:
+    """A file stem for ``name`` that no other adapter of the zoo has (compared case-blind)."""
+    stem = safe_name(name)
+    while stem.lower() in used:
+        stem += "_"
+    used.add(stem.lower())
+    return stem
+
+
+def write_adapter_files(folder: Dir, stem: str, cores: dict, extras: dict, generation: int = 1) -> dict:
+    """An adapter's cores file in ``folder`` (the zoo's ``adapters/``) and, when it has non-LoRA
+    tensors, its extras file; returns the manifest fields naming them, relative to the zoo.
 
     Extras (classifier heads, biases) live in a file of their own: they never change, so an
     ``add`` that re-projects every core rewrites only the small cores files.
     """
     tag = "" if generation == 1 else f".g{generation}"
-    entry = {"file": f"{stem}{tag}.safetensors"}
-    save_tensors_durably(root / entry["file"], cores, {"format": "pt", "sharecompress": "coefficients"})
-    entry["file_sha256"] = file_sha256(root / entry["file"])
+    entry = {"file": f"adapters/{stem}{tag}.safetensors"}
+    entry["file_sha256"] = save_tensors(folder, f"{stem}{tag}.safetensors", cores, {"format": "pt", "sharecompress": "coefficients"})
     if extras:
-        entry["extras_file"] = f"{stem}.extras{tag}.safetensors"
-        save_tensors_durably(root / entry["extras_file"], extras, {"format": "pt", "sharecompress": "extras"})
-        entry["extras_sha256"] = file_sha256(root / entry["extras_file"])
+        entry["extras_file"] = f"adapters/{stem}.extras{tag}.safetensors"
+        entry["extras_sha256"] = save_tensors(folder, f"{stem}.extras{tag}.safetensors", extras, {"format": "pt", "sharecompress": "extras"})
     return entry
 
 
 def _adapter_entry(adapter: Adapter, hashed: bool = True) -> dict:
     return {
         "name": adapter.name,
-        "source": adapter.source,
+        "source": printable(adapter.source),
         "sha256": adapter.sha256 if hashed else None,  # else filled in once hashed
         "rank": adapter.rank,
         "bytes_original": adapter.lora_bytes,

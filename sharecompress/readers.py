@@ -9,15 +9,16 @@ disagreement, DoRA, pickles, bad configs) is found before any compute starts.
 from __future__ import annotations
 
 import glob
-import json
 import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from . import formats
+from . import formats, jsonio
 from .adapter import Adapter, LoraModule
-from .errors import InputError
+from .confined import read_regular
+from .errors import InputError, ShareError
+from .names import name_problem
 from .safetensors_file import SafetensorsFile
 
 if TYPE_CHECKING:
@@ -42,6 +43,9 @@ _NOT_LOW_RANK = {
 }
 _NOT_LOW_RANK_SUFFIXES = {".diff": "LyCORIS full-weight (diff)", ".diff_b": "LyCORIS full-weight (diff)"}
 _PEFT_PREFIX = "base_model.model."
+MAX_CONFIG_BYTES = 16 << 20
+# |scale| beyond this overflows float32 cores (√s · UᵀB) long before it is a real adapter.
+MAX_SCALE = 1e8
 
 
 def find_adapters(
@@ -67,6 +71,9 @@ def find_adapters(
             adapter = read_hub_adapter(path, layout)
         else:
             adapter = read_peft_dir(path, layout) if kind == "dir" else read_bare_file(path, rank, alpha, layout)
+        problem = name_problem(adapter.name)
+        if problem:
+            raise InputError(path, f"adapter name {adapter.name!r} {problem}: rename the file or directory")
         if adapter.name in seen:
             raise InputError(
                 path, f"adapter name {adapter.name!r} is used twice (also {seen[adapter.name].source})"
@@ -178,12 +185,15 @@ def read_bare_file(path: Path, rank: int | None, alpha: float | None, layout: st
 
 
 def load_config(path: Path) -> dict:
+    """An adapter_config.json: a regular file of at most 16 MiB holding bounded JSON."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(path, f"cannot read adapter config: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(path, f"adapter config is not valid JSON ({exc})") from None
+        raw = read_regular(path, MAX_CONFIG_BYTES)
+    except ShareError as exc:
+        raise InputError(path, f"cannot read adapter config: {getattr(exc, 'problem', exc)}") from None
+    try:
+        config = jsonio.loads(raw)
+    except jsonio.JSONProblem as exc:
+        raise InputError(path, f"adapter config is not usable JSON: {exc}") from None
     if not isinstance(config, dict):
         raise InputError(path, "adapter config is not a JSON object")
     return check_config(config, path)
@@ -270,9 +280,16 @@ def parse_adapter(
         alpha_key = formats.alpha_key(module, layout)
         alpha_key = alpha_key if alpha_key in alphas else None
         scale = _scale(layout, module, rank, config, config_path or file.path, file, alpha_key)
+        if not (math.isfinite(scale) and abs(scale) <= MAX_SCALE):
+            where = alpha_key or "lora_alpha"
+            raise InputError(
+                config_path or file.path,
+                f"module {module!r}: {where} gives scale {scale:.3g}, beyond the ±{MAX_SCALE:g} this tool accepts (it overflows float32)",
+            )
         dtype = a.dtype if a.dtype == b.dtype else "mixed"
         modules[module] = LoraModule(
-            module, a.name, b.name, rank, n, d, scale, tuple(a.shape), tuple(b.shape), dtype, alpha_key
+            module, a.name, b.name, min(rank, n, d), n, d, scale, tuple(a.shape), tuple(b.shape), dtype, alpha_key,
+            stored_rank=rank if rank > min(n, d) else None,
         )
     return Adapter(
         name=name, source=str(source), file=file, modules=modules, extras=extras, config=config, layout=layout
@@ -341,6 +358,8 @@ def _check_shapes(module, a, b, kind, file_path, names=("lora_A", "lora_B")) -> 
         raise InputError(file_path, f"module {module!r}: {names[0]} has rank {rank_a} but {names[1]} has rank {rank_b}")
     if rank_a == 0:
         raise InputError(file_path, f"module {module!r}: rank 0")
+    if 0 in a_shape or 0 in b_shape:
+        raise InputError(file_path, f"module {module!r}: a zero-size dimension ({names[0]} {list(a_shape)}, {names[1]} {list(b_shape)})")
     d = 1
     for s in a_shape[1:]:
         d *= s

@@ -13,12 +13,16 @@ import hashlib
 import json
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from .errors import InputError
+from . import jsonio
+from .confined import open_regular
+from .errors import InputError, StorageError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -57,38 +61,68 @@ class TensorInfo:
 
 
 class SafetensorsFile:
-    """Validated header of one .safetensors file; tensors are read on demand."""
+    """Validated header of one .safetensors file; tensors are read on demand.
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    A file on disk is re-opened for each read (regular files only: a FIFO or device is
+    refused without blocking); ``from_bytes`` wraps contents already read and checked
+    against a checksum (zoo files), so what is parsed is exactly what was verified.
+    """
+
+    def __init__(self, path: str | os.PathLike, data: bytes | None = None) -> None:
         self.path = Path(path)
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
+        self._data = memoryview(data) if data is not None else None
         self._parse()
+
+    @classmethod
+    def from_bytes(cls, path: str | os.PathLike, data: bytes) -> "SafetensorsFile":
+        return cls(path, data)
 
     def _fail(self, problem: str) -> InputError:
         return InputError(self.path, problem)
 
-    def _parse(self) -> None:
+    def _head(self) -> tuple[int, bytes, int]:
+        """(file size, header bytes, header length) from memory or from the file."""
+        if self._data is not None:
+            size, head = len(self._data), bytes(self._data[:8])
+        else:
+            try:
+                fd = open_regular(self.path)
+            except StorageError as exc:
+                raise self._fail(exc.problem) from None
+            try:
+                size = os.fstat(fd).st_size
+                head = os.pread(fd, 8, 0)
+            except OSError as exc:
+                os.close(fd)
+                raise self._fail(f"cannot read file: {exc.strerror or exc}") from None
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as fh:
-                head = fh.read(8)
-                if len(head) < 8:
-                    raise self._fail(
-                        "empty or truncated file: not a safetensors file (no 8-byte header length)"
-                    )
-                (hlen,) = struct.unpack("<Q", head)
-                if hlen == 0 or hlen > MAX_HEADER_BYTES or 8 + hlen > size:
-                    raise self._fail(
-                        f"not a safetensors file: header claims {hlen} bytes, file has {size}"
-                    )
-                raw = fh.read(hlen)
+            if len(head) < 8:
+                raise self._fail("empty or truncated file: not a safetensors file (no 8-byte header length)")
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen == 0 or hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+                raise self._fail(f"not a safetensors file: header claims {hlen} bytes, file has {size}")
+            if self._data is not None:
+                return size, bytes(self._data[8 : 8 + hlen]), hlen
+            raw = os.pread(fd, hlen, 8)
+            if len(raw) != hlen:
+                raise self._fail("truncated file while reading the header")
+            return size, raw, hlen
         except OSError as exc:
             raise self._fail(f"cannot read file: {exc.strerror or exc}") from None
+        finally:
+            if self._data is None:
+                os.close(fd)
+
+    def _parse(self) -> None:
+        size, raw, hlen = self._head()
+        if not raw.startswith(b"{"):
+            raise self._fail("not a safetensors file: header is not a JSON object")
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise self._fail("not a safetensors file: header is not valid JSON") from None
+            header = jsonio.loads(raw, max_depth=4)
+        except jsonio.JSONProblem as exc:
+            raise self._fail(f"not a safetensors file: header is {exc}") from None
         if not isinstance(header, dict):
             raise self._fail("not a safetensors file: header is not a JSON object")
         data_start = 8 + hlen
@@ -102,6 +136,20 @@ class SafetensorsFile:
                 self.metadata = dict(entry)
                 continue
             self.tensors[name] = self._check_entry(name, entry, data_start, data_len)
+        self._check_layout(data_start, data_len)
+
+    def _check_layout(self, data_start: int, data_len: int) -> None:
+        """As the safetensors library: tensors tile the data exactly (no overlap, gap or trailing bytes)."""
+        at = 0
+        for info in sorted(self.tensors.values(), key=lambda t: (t.start, t.end)):
+            begin = info.start - data_start
+            if begin < at:
+                raise self._fail(f"invalid safetensors file: tensor {info.name!r} overlaps another")
+            if begin > at:
+                raise self._fail(f"invalid safetensors file: {begin - at} unused bytes before tensor {info.name!r}")
+            at = info.end - data_start
+        if at != data_len:
+            raise self._fail(f"invalid safetensors file: {data_len - at} bytes after the last tensor")
 
     def _check_entry(self, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
         if not isinstance(entry, dict):
@@ -135,10 +183,13 @@ class SafetensorsFile:
         torch_dtype = DTYPES[info.dtype][0]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=torch_dtype)
+        if self._data is not None:
+            buf = bytearray(self._data[info.start : info.end])
+            return torch.frombuffer(buf, dtype=torch_dtype).reshape(info.shape)
         buf = bytearray(info.nbytes)
         view = memoryview(buf)
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
                 done = 0
                 while done < info.nbytes:
@@ -154,8 +205,45 @@ class SafetensorsFile:
 
     def sha256(self) -> str:
         """Digest of the whole file: identifies an adapter whatever it is called."""
+        if self._data is not None:
+            return hashlib.sha256(self._data).hexdigest()
         digest = hashlib.sha256()
-        with open(self.path, "rb") as fh:
+        try:
+            fd = open_regular(self.path)
+        except StorageError as exc:
+            raise self._fail(exc.problem) from None
+        with os.fdopen(fd, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
         return digest.hexdigest()
+
+
+_DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+
+
+def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Iterator[memoryview]:
+    """A .safetensors file as chunks (header, then each tensor's bytes): no copy of the whole file.
+
+    The layout is the library's (8-byte length, JSON header padded to 8 bytes, tensors tiling
+    the data in order), and ``tests/test_safety.py`` reads the result back with the library.
+    """
+    if sys.byteorder != "little":  # safetensors is little-endian; the raw views below are native
+        raise RuntimeError("writing safetensors files needs a little-endian machine")
+    names = sorted(tensors)
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    flat: list[torch.Tensor] = []
+    for name in names:
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        flat.append(t)
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    yield memoryview(struct.pack("<Q", len(text)) + text)
+    for t in flat:
+        if t.numel():
+            yield memoryview(t.reshape(-1).view(torch.uint8).numpy())

@@ -1,24 +1,33 @@
-"""Durable file primitives: fsync'd writes, atomic renames, a writer lock, safe names."""
+"""Durable writes, a writer lock and atomic publication of whole directories.
+
+Every file is written fresh (``confined.Dir.write_new``: exclusive create, never through a
+link, fsync'd, hashed as written) and published by a rename. A new directory is built in a
+hidden sibling and swapped into place by one atomic exchange (``renameat2``), so after a kill
+at any instant the target holds the old content or the new.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
-from safetensors.torch import save_file
 
-from .errors import ZooError
+from .confined import Dir, iter_chunks, os_problem
+from .errors import StorageError, ZooError
+from .safetensors_file import encode
+from .zoo_files import LOCK
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -29,75 +38,94 @@ def safe_name(name: str) -> str:
     return stem[:120]
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def json_bytes(obj: object) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8")
 
 
-def write_bytes_durably(path: Path, data: bytes) -> None:
-    """Write to ``path`` (a fresh temporary name) and fsync it."""
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+def save_tensors(where: Dir, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """A new .safetensors file ``name`` in ``where``; returns its sha256 (hashed as written)."""
+    return where.write_new(name, encode(tensors, metadata))
 
 
-def write_json_durably(path: Path, obj: object) -> None:
-    write_bytes_durably(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8"))
+def write_json(where: Dir, name: str, obj: object) -> str:
+    return where.write_new(name, iter_chunks(json_bytes(obj)))
 
 
-def save_tensors_durably(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata or {"format": "pt"})
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def save_tensors_durably(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """``save_tensors`` at a fresh path (it must not exist)."""
+    with Dir.open(path.parent) as where:
+        return save_tensors(where, path.name, tensors, metadata)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def write_bytes_durably(path: Path, data: bytes) -> str:
+    with Dir.open(path.parent) as where:
+        return where.write_new(path.name, iter_chunks(data))
+
+
+def write_json_durably(path: Path, obj: object) -> str:
+    return write_bytes_durably(path, json_bytes(obj))
 
 
 class WriterLock:
     """One writer at a time per zoo: an exclusive flock on ``<zoo>/.lock``.
 
-    A second writer waits up to ``timeout`` seconds, then fails with a clear error. flock is
-    released by the kernel when a holder dies, so a killed writer never leaves the zoo locked.
+    A second writer waits up to ``timeout`` seconds (saying so once it has waited a moment),
+    then fails with a clear error. flock is released by the kernel when a holder dies, so a
+    killed writer never leaves the zoo locked. The lock is taken on the directory the path
+    names *now*: when ``merge --force`` swapped in a new zoo while we waited, we start over on it.
+    ``root`` is that directory, open, for the holder's own reads and writes.
     """
 
-    def __init__(self, zoo: Path, timeout: float = 30.0) -> None:
-        self.path = zoo / ".lock"
+    def __init__(self, zoo: Path, timeout: float = 30.0, waiting: Callable[[str], None] | None = None) -> None:
+        self.zoo = Path(zoo)
+        self.path = self.zoo / LOCK
         self.timeout = timeout
+        self.waiting = waiting
+        self.root: Dir | None = None
         self._fd: int | None = None
 
     def __enter__(self) -> "WriterLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + self.timeout
+        said = False
         while True:
+            root = Dir.open(self.zoo)
+            try:
+                fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=root.fd)
+            except OSError as exc:
+                root.close()
+                if exc.errno == errno.ELOOP:
+                    raise ZooError(self.path, "is a symbolic link: links are never followed here; remove it") from None
+                raise StorageError(self.path, os_problem(exc)) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except OSError as exc:
+                os.close(fd)
+                root.close()
                 if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise ZooError(self.path.parent, f"another sharecompress process is writing this zoo (waited {self.timeout:g}s)") from None
+                    raise ZooError(self.zoo, f"another sharecompress process is writing this zoo (waited {self.timeout:g}s)") from None
+                if not said and self.waiting is not None and time.monotonic() > deadline - self.timeout + 1.0:
+                    self.waiting(f"{self.zoo}: waiting for another sharecompress process to finish writing …")
+                    said = True
                 time.sleep(0.1)
-        self._fd = fd
-        return self
+                continue
+            if root.same_as(self.zoo):
+                self.root, self._fd = root, fd
+                return self
+            os.close(fd)  # the zoo was replaced while we waited: lock the new one
+            root.close()
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+        if self.root is not None:
+            self.root.close()
+            self.root = None
+
+
+def _hidden(target: Path, kind: str) -> str:
+    return f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 @contextmanager
@@ -107,36 +135,128 @@ def staged_file(target: Path) -> Iterator[Path]:
     On any error the sibling is removed and ``target`` is untouched: nothing half-written.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = target.parent / _hidden(target, "tmp")
     try:
         yield staging
         os.replace(staging, target)
-        fsync_dir(target.parent)
+        with Dir.open(target.parent) as parent:
+            parent.fsync()
+    except OSError as exc:
+        staging.unlink(missing_ok=True)
+        raise StorageError(target, os_problem(exc)) from None
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
 
 
+# renameat2 flags (linux/fs.h): fail if the target exists / swap two entries atomically.
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _renameat2(parent: Dir, src: str, dst: str, flags: int) -> bool:
+    """True when done; False when the system or file system has no such rename (use the fallback)."""
+    fn = getattr(_libc, "renameat2", None)
+    if fn is None:
+        return False
+    if fn(parent.fd, os.fsencode(src), parent.fd, os.fsencode(dst), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(parent.path / dst))
+
+
+def remove_tree(parent: Dir, name: str) -> None:
+    """Remove directory ``name`` in ``parent`` and what it holds, never following a link out of it."""
+    if sys.version_info >= (3, 11):
+        shutil.rmtree(name, ignore_errors=True, dir_fd=parent.fd)
+    else:  # pragma: no cover - Python 3.10: rmtree still opens each level with O_NOFOLLOW
+        shutil.rmtree(parent.path / name, ignore_errors=True)
+
+
+def publish_directory(parent: Dir, staged: str, target: Path, replace: Callable[[Path], None] | None, lock: bool) -> None:
+    """Put directory ``staged`` (in ``parent``) at ``target``, atomically.
+
+    When ``target`` exists, ``replace(target)`` must accept it (it raises otherwise), checked
+    again under the zoo's writer lock when ``lock``; the two directories are then exchanged in
+    one step and the old one removed. A target created meanwhile by someone else is not replaced.
+    """
+    leaf = target.name
+    if parent.lstat(leaf) is None:
+        try:
+            if not _renameat2(parent, staged, leaf, _RENAME_NOREPLACE):
+                if parent.lstat(leaf) is not None:
+                    raise FileExistsError(errno.EEXIST, "exists")
+                os.rename(staged, leaf, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise ZooError(target, "was created by someone else while this command ran; nothing was written") from None
+            raise StorageError(target, os_problem(exc)) from None
+        parent.fsync()
+        return
+    if replace is None:
+        raise ZooError(target, "already exists; pass --force to replace it")
+    with WriterLock(target) if lock else nullcontext():
+        replace(target)
+        try:
+            if not _renameat2(parent, staged, leaf, _RENAME_EXCHANGE):
+                _swap_by_renames(parent, staged, leaf)
+        except OSError as exc:
+            raise StorageError(target, os_problem(exc)) from None
+        parent.fsync()
+    remove_tree(parent, staged)  # now the old content
+
+
+def _swap_by_renames(parent: Dir, staged: str, leaf: str) -> None:
+    """Without an atomic exchange: old aside, new in place. A kill between the two renames
+    leaves ``.<leaf>.old-…`` beside a missing target; ``restore_interrupted_swap`` puts it back."""
+    aside = f".{leaf}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.rename(leaf, aside, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
+    os.rename(staged, leaf, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
+    os.rename(aside, staged, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
+
+
+def restore_interrupted_swap(target: Path) -> bool:
+    """Where a swap by renames was killed half way, put the old directory back; True if it did."""
+    parent_path = target.parent
+    if os.path.lexists(target) or not parent_path.is_dir():
+        return False
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.old-\d+-[0-9a-f]{{8}}")
+    with Dir.open(parent_path) as parent:
+        aside = [n for n in parent.names() if pattern.fullmatch(n)]
+        if len(aside) != 1:
+            return False
+        try:
+            os.rename(aside[0], target.name, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
+        except OSError:
+            return False
+        parent.fsync()
+    return True
+
+
 @contextmanager
-def staged_directory(target: Path) -> Iterator[Path]:
-    """Build a new directory in a hidden sibling; on success it replaces ``target`` whole.
+def staged_directory(
+    target: Path, replace: Callable[[Path], None] | None = None, lock: bool = False
+) -> Iterator[Dir]:
+    """Build a new directory in a hidden sibling of ``target``; on success it takes ``target``'s place.
 
     On any error the sibling is removed and ``target`` is untouched: nothing half-written.
+    ``replace`` decides whether an existing ``target`` may be replaced (see ``publish_directory``).
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
     try:
-        yield staging
-        fsync_dir(staging)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-        os.rename(staging, target)
-        fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(target.parent, os_problem(exc)) from None
+    with Dir.open(target.parent) as parent:
+        name = _hidden(target, "tmp")
+        staging = parent.sub(name, create=True)
+        try:
+            yield staging
+            staging.fsync()
+            staging.close()
+            publish_directory(parent, name, target, replace, lock)
+        except BaseException:
+            staging.close()
+            remove_tree(parent, name)
+            raise

@@ -4,6 +4,10 @@ New content always goes to files with fresh names (tagged with the next generati
 fsync'd, and only then does ``manifest.json`` change, by one atomic rename. Files the new
 manifest no longer names are removed afterwards, and leftovers of a killed writer are removed
 by the next one. A process killed at any instant leaves the old zoo or the new one.
+
+All of it happens through the directory the writer lock was taken on (``tx.root``), never by
+path: a zoo swapped or linked away mid-update cannot redirect a write or a deletion, and
+only regular files of the zoo's own naming scheme are ever deleted (``zoo_files``).
 """
 
 from __future__ import annotations
@@ -12,11 +16,15 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
-from .storage import WriterLock, fsync_dir, write_json_durably
-from .zoo import MANIFEST, read_manifest, refuse_partial
+from .confined import Dir, open_relative
+from .storage import WriterLock, json_bytes
+from .zoo import MANIFEST, read_manifest, read_manifest_digest, refuse_partial
+from .zoo_files import ADAPTERS, scheme_leftovers
 
 PAUSE_ENV = "SHARECOMPRESS_PAUSE_AT"
+_MANIFEST_TMP = f"{MANIFEST}.tmp"
 
 
 def pause_point(step: str) -> None:
@@ -39,33 +47,38 @@ def referenced_files(manifest: dict) -> set[str]:
     return names
 
 
-def collect_garbage(zoo: Path, manifest: dict) -> list[str]:
-    """Remove files that ``manifest`` does not name (a crashed writer's, or superseded ones)."""
-    keep = referenced_files(manifest)
+def collect_garbage(root: Dir, manifest: dict) -> list[str]:
+    """Remove the zoo-scheme files ``manifest`` does not name (a crashed writer's, or superseded ones)."""
     removed = []
-    for path in [*zoo.glob("*.safetensors*"), *zoo.glob("adapters/*"), *zoo.glob(f"{MANIFEST}.tmp*")]:
-        rel = path.relative_to(zoo).as_posix()
-        if path.is_file() and rel not in keep:
-            path.unlink()
-            removed.append(rel)
+    for rel in scheme_leftovers(root, referenced_files(manifest)):
+        where, leaf = open_relative(root, rel)
+        try:
+            where.unlink(leaf, missing_ok=True)
+        finally:
+            if where is not root:
+                where.close()
+        removed.append(rel)
     return removed
 
 
 class Transaction:
-    """``with Transaction(zoo) as tx:`` → write files under ``tx.name(...)``, then ``tx.commit(manifest)``."""
+    """``with Transaction(zoo) as tx:`` → write files in ``tx.root`` / ``tx.adapters``, then ``tx.commit(manifest)``."""
 
-    def __init__(self, zoo: Path, lock_timeout: float = 30.0) -> None:
+    def __init__(self, zoo: Path, lock_timeout: float = 30.0, waiting: Callable[[str], None] | None = None) -> None:
         self.zoo = Path(zoo)
         refuse_partial(self.zoo, read_manifest(self.zoo))  # a clear error before anything is locked
-        self._lock = WriterLock(self.zoo, lock_timeout)
+        self._lock = WriterLock(self.zoo, lock_timeout, waiting)
         self.manifest: dict = {}
         self.committed = False
 
     def __enter__(self) -> "Transaction":
         self._lock.__enter__()
         try:
-            self.manifest = read_manifest(self.zoo)  # re-read under the lock
-            collect_garbage(self.zoo, self.manifest)
+            self.root = self._lock.root
+            self.manifest, self.digest = read_manifest_digest(self.zoo, self.root)  # re-read under the lock
+            refuse_partial(self.zoo, self.manifest)
+            collect_garbage(self.root, self.manifest)
+            self.adapters = self.root.sub(ADAPTERS, create=True)
         except BaseException:
             self._lock.__exit__(None, None, None)
             raise
@@ -75,21 +88,24 @@ class Transaction:
     def commit(self, manifest: dict) -> None:
         """Publish ``manifest`` atomically; the files it names must already be written."""
         pause_point("before-manifest")
-        (self.zoo / "adapters").mkdir(exist_ok=True)
-        fsync_dir(self.zoo / "adapters")
-        fsync_dir(self.zoo)
+        self.adapters.fsync()
+        self.root.fsync()
         manifest["generation"] = self.generation
-        tmp = self.zoo / f"{MANIFEST}.tmp"
-        write_json_durably(tmp, manifest)
-        os.replace(tmp, self.zoo / MANIFEST)
-        fsync_dir(self.zoo)
+        self.root.unlink(_MANIFEST_TMP, missing_ok=True)
+        self.root.write_new(_MANIFEST_TMP, [json_bytes(manifest)])
+        self.root.replace(_MANIFEST_TMP, MANIFEST)
+        self.root.fsync()
         self.committed = True
         pause_point("after-manifest")
-        collect_garbage(self.zoo, manifest)
+        collect_garbage(self.root, manifest)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
+            self.adapters.close()
             if not self.committed:
-                collect_garbage(self.zoo, read_manifest(self.zoo))
+                collect_garbage(self.root, read_manifest(self.zoo, self.root))
+        except Exception:
+            if exc_type is None:
+                raise  # a failed clean-up after a failure is left to the next writer
         finally:
             self._lock.__exit__(exc_type, exc, tb)
