@@ -24,8 +24,8 @@ from .merge import (
 )
 from .formats import zoo_module_layouts
 from .readers import find_adapters
-from .storage import save_tensors
-from .transaction import Transaction, pause_point
+from .storage import pause_point, save_tensors
+from .transaction import Transaction
 from .zoo import Zoo
 
 f64 = torch.float64

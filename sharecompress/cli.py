@@ -34,8 +34,11 @@ ZooOption = typer.Option(DEFAULT_ZOO, "--zoo", help="Zoo directory.")
 
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
-    # escaped: paths and hints hold brackets ("sharecompress[plot]", "run[1]/") that rich would eat as markup
-    err.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    # escaped: paths and hints hold brackets ("sharecompress[plot]", "run[1]/") that rich would eat as markup,
+    # and a hostile file name's newlines or terminal codes must not split the line or reach the terminal
+    from .names import visible
+
+    err.print(f"[red]error:[/] {escape(visible(message))}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -73,6 +76,10 @@ def module_progress(enabled: bool, label: str):
         yield update
 
 
+def say_waiting(line: str) -> None:
+    err.print(escape(line), highlight=False)
+
+
 def version_callback(value: bool) -> None:
     if value:
         out.print(f"sharecompress {__version__}")
@@ -84,6 +91,9 @@ def main(
     version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Print the version."),
 ) -> None:
     """sharecompress: merge, add, report, export, remove, list, verify."""
+    from . import storage
+
+    storage.on_wait = say_waiting  # a writer waiting for another's lock says so
 
 
 @app.command()
@@ -183,10 +193,10 @@ def report(
     from .zoo import Zoo
 
     with user_errors():
-        check_outputs(plot, html)  # before --against's work: a bad target or no matplotlib fails fast
+        check_outputs(plot, html, zoo)  # before --against's work: a bad target or no matplotlib fails fast
         opened = Zoo.open(zoo)
         data = opened.report(against=against)
-        written = write_outputs(data, opened.manifest, max_error, plot=plot, html_to=html, title=f"sharecompress report: {zoo}")
+        written = write_outputs(data, opened.manifest, max_error, plot=plot, html_to=html, title=f"sharecompress report: {zoo}", zoo=zoo)
     if as_json:
         sys.stdout.write(json.dumps(data, indent=1) + "\n")
     else:

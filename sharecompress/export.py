@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,7 +26,7 @@ import torch
 from . import formats
 from .confined import Dir
 from .errors import StorageError, ZooError
-from .storage import publish_directory, remove_tree, safe_name, save_tensors, write_json
+from .storage import hidden_name, publish_directory, remove_tree, safe_name, save_tensors, write_json
 from .zoo import Zoo, refuse_partial
 
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -198,7 +197,7 @@ def _stage(zoo: Zoo, entry: dict, out: Path, dtype: torch.dtype) -> _Staged:
     except OSError as exc:
         raise StorageError(out.parent, exc.strerror or str(exc)) from None
     parent = Dir.open(out.parent)
-    name = f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    name = hidden_name(out, "tmp")
     if _is_file_target(entry, out):
         item = _Staged(parent, name, out, entry, False)
         try:

@@ -10,6 +10,7 @@ import base64
 import html
 import importlib
 import io
+import os
 import math
 import re
 import statistics
@@ -43,14 +44,18 @@ class TargetError(ShareError):
 # ----------------------------------------------------------------------------- output files
 
 
-def check_target(path: Path, flag: str) -> Path:
-    """Refuse before any work: a missing parent directory or a directory in the way."""
+def check_target(path: Path, flag: str, zoo: Path | None = None) -> Path:
+    """Refuse before any work: a missing parent directory, a directory in the way, a path in the zoo."""
     path = Path(path)
     parent = path.parent
     if not parent.is_dir():
         raise TargetError(f"{flag} {path}: directory {parent} does not exist")
     if path.is_dir():
         raise TargetError(f"{flag} {path}: is a directory")
+    if zoo is not None:
+        real_zoo = Path(os.path.realpath(zoo))
+        if real_zoo == Path(os.path.realpath(parent)) or real_zoo in Path(os.path.realpath(parent)).parents:
+            raise TargetError(f"{flag} {path}: lies inside the zoo {zoo}; write it somewhere else")
     return path
 
 
@@ -63,11 +68,11 @@ def write_file_atomically(path: Path, data: bytes) -> None:
         raise TargetError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
-def check_outputs(plot: Path | None, html_to: Path | None) -> None:
-    """Everything that can refuse, before any work: missing directories, missing matplotlib."""
+def check_outputs(plot: Path | None, html_to: Path | None, zoo: Path | None = None) -> None:
+    """Everything that can refuse, before any work: missing directories, the zoo itself, missing matplotlib."""
     for path, flag in ((plot, "--plot"), (html_to, "--html")):
         if path is not None:
-            check_target(path, flag)
+            check_target(path, flag, zoo)
     if plot is not None and html_to is not None and Path(plot).resolve() == Path(html_to).resolve():
         raise TargetError(f"--plot and --html name the same file {plot}")
     if plot is not None:
@@ -75,9 +80,9 @@ def check_outputs(plot: Path | None, html_to: Path | None) -> None:
 
 
 def write_outputs(report: dict, manifest: dict, max_error: float | None = None, *, plot: Path | None = None,
-                  html_to: Path | None = None, title: str = "sharecompress report") -> list[str]:
+                  html_to: Path | None = None, title: str = "sharecompress report", zoo: Path | None = None) -> list[str]:
     """Write the requested files, each atomically; returns lines for the user (stderr)."""
-    check_outputs(plot, html_to)
+    check_outputs(plot, html_to, zoo)
     lines = []
     if plot is not None:
         write_file_atomically(plot, report_image(report, manifest, max_error, plot_format(plot)))

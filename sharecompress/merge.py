@@ -132,6 +132,8 @@ def merge(
         raise ValueError(f"method must be one of {', '.join(METHODS)}")
     if p is not None and p < 1:
         raise ValueError("p must be at least 1")
+    if sweeps < 0:
+        raise ValueError("--sweeps must be 0 or more")
     rule = KRule(k=k, energy=None if k is not None else (energy if energy is not None else DEFAULT_ENERGY))
 
     compute_on = resolve_device(device)

@@ -41,3 +41,11 @@ def name_problem(name: object) -> str | None:
 def printable(text: str, limit: int = 4096) -> str:
     """``text`` with control characters replaced by '?', cut to ``limit``: safe to record and print."""
     return "".join("?" if unicodedata.category(ch) in _BAD_CATEGORIES else ch for ch in text[:limit])
+
+
+def visible(text: str) -> str:
+    """``text`` with each control character written as an escape (``\\n``, ``\\x1b``): one line, no terminal codes."""
+    return "".join(
+        ch if unicodedata.category(ch) not in _BAD_CATEGORIES else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )

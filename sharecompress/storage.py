@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import time
 import uuid
@@ -66,6 +67,24 @@ def write_json_durably(path: Path, obj: object) -> str:
     return write_bytes_durably(path, json_bytes(obj))
 
 
+PAUSE_ENV = "SHARECOMPRESS_PAUSE_AT"
+
+
+def pause_point(step: str) -> None:
+    """Test hook: ``SHARECOMPRESS_PAUSE_AT=step:seconds`` sleeps here so a test can kill us."""
+    spec = os.environ.get(PAUSE_ENV, "")
+    for item in spec.split(","):
+        name, _, seconds = item.partition(":")
+        if name == step:
+            sys.stderr.write(f"sharecompress: paused at {step}\n")
+            sys.stderr.flush()
+            time.sleep(float(seconds or 5))
+
+
+# Called with one line when a writer has waited a second for another's lock (the CLI prints it).
+on_wait: Callable[[str], None] | None = None
+
+
 class WriterLock:
     """One writer at a time per zoo: an exclusive flock on ``<zoo>/.lock``.
 
@@ -103,8 +122,9 @@ class WriterLock:
                 root.close()
                 if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
                     raise ZooError(self.zoo, f"another sharecompress process is writing this zoo (waited {self.timeout:g}s)") from None
-                if not said and self.waiting is not None and time.monotonic() > deadline - self.timeout + 1.0:
-                    self.waiting(f"{self.zoo}: waiting for another sharecompress process to finish writing …")
+                notify = self.waiting or on_wait
+                if not said and notify is not None and time.monotonic() > deadline - self.timeout + 1.0:
+                    notify(f"{self.zoo}: waiting for another sharecompress process to finish writing …")
                     said = True
                 time.sleep(0.1)
                 continue
@@ -124,8 +144,42 @@ class WriterLock:
             self.root = None
 
 
-def _hidden(target: Path, kind: str) -> str:
-    return f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+_STEM_CHARS = 120  # hidden names stay under the usual 255-byte limit whatever the target's length
+
+
+def hidden_name(target: Path, kind: str) -> str:
+    """A hidden sibling name for ``target``: ``.<name>.<kind>-<pid>-<random>``."""
+    return f".{target.name[:_STEM_CHARS]}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _hidden_pattern(target: Path, kind: str) -> re.Pattern:
+    return re.compile(rf"\.{re.escape(target.name[:_STEM_CHARS])}\.{kind}-(\d+)-[0-9a-f]{{8}}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_staging(parent: Dir, target: Path) -> list[str]:
+    """Hidden staging directories of ``target`` left by a killed writer (its pid is gone): removed.
+
+    Only real directories named exactly as ``_hidden`` names them are touched.
+    """
+    removed = []
+    pattern = _hidden_pattern(target, "tmp")
+    for name in parent.names():
+        match = pattern.fullmatch(name)
+        info = parent.lstat(name) if match else None
+        if match and info is not None and stat.S_ISDIR(info.st_mode) and not _alive(int(match[1])):
+            remove_tree(parent, name)
+            removed.append(name)
+    return removed
 
 
 @contextmanager
@@ -134,8 +188,11 @@ def staged_file(target: Path) -> Iterator[Path]:
 
     On any error the sibling is removed and ``target`` is untouched: nothing half-written.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / _hidden(target, "tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(target.parent, os_problem(exc)) from None
+    staging = target.parent / hidden_name(target, "tmp")
     try:
         yield staging
         os.replace(staging, target)
@@ -199,19 +256,21 @@ def publish_directory(parent: Dir, staged: str, target: Path, replace: Callable[
         raise ZooError(target, "already exists; pass --force to replace it")
     with WriterLock(target) if lock else nullcontext():
         replace(target)
+        pause_point("before-swap")
         try:
             if not _renameat2(parent, staged, leaf, _RENAME_EXCHANGE):
                 _swap_by_renames(parent, staged, leaf)
         except OSError as exc:
             raise StorageError(target, os_problem(exc)) from None
         parent.fsync()
+        pause_point("after-swap")
     remove_tree(parent, staged)  # now the old content
 
 
 def _swap_by_renames(parent: Dir, staged: str, leaf: str) -> None:
     """Without an atomic exchange: old aside, new in place. A kill between the two renames
     leaves ``.<leaf>.old-…`` beside a missing target; ``restore_interrupted_swap`` puts it back."""
-    aside = f".{leaf}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    aside = hidden_name(parent.path / leaf, "old")
     os.rename(leaf, aside, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
     os.rename(staged, leaf, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
     os.rename(aside, staged, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
@@ -222,7 +281,7 @@ def restore_interrupted_swap(target: Path) -> bool:
     parent_path = target.parent
     if os.path.lexists(target) or not parent_path.is_dir():
         return False
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.old-\d+-[0-9a-f]{{8}}")
+    pattern = _hidden_pattern(target, "old")
     with Dir.open(parent_path) as parent:
         aside = [n for n in parent.names() if pattern.fullmatch(n)]
         if len(aside) != 1:
@@ -249,7 +308,8 @@ def staged_directory(
     except OSError as exc:
         raise StorageError(target.parent, os_problem(exc)) from None
     with Dir.open(target.parent) as parent:
-        name = _hidden(target, "tmp")
+        remove_stale_staging(parent, target)
+        name = hidden_name(target, "tmp")
         staging = parent.sub(name, create=True)
         try:
             yield staging

@@ -12,30 +12,15 @@ only regular files of the zoo's own naming scheme are ever deleted (``zoo_files`
 
 from __future__ import annotations
 
-import os
-import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 from .confined import Dir, open_relative
-from .storage import WriterLock, json_bytes
+from .storage import WriterLock, json_bytes, pause_point
 from .zoo import MANIFEST, read_manifest, read_manifest_digest, refuse_partial
 from .zoo_files import ADAPTERS, scheme_leftovers
 
-PAUSE_ENV = "SHARECOMPRESS_PAUSE_AT"
 _MANIFEST_TMP = f"{MANIFEST}.tmp"
-
-
-def pause_point(step: str) -> None:
-    """Test hook: ``SHARECOMPRESS_PAUSE_AT=step:seconds`` sleeps here so a test can kill us."""
-    spec = os.environ.get(PAUSE_ENV, "")
-    for item in spec.split(","):
-        name, _, seconds = item.partition(":")
-        if name == step:
-            sys.stderr.write(f"sharecompress: paused at {step}\n")
-            sys.stderr.flush()
-            time.sleep(float(seconds or 5))
 
 
 def referenced_files(manifest: dict) -> set[str]:

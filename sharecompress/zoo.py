@@ -18,7 +18,7 @@ from .confined import Dir, open_relative
 from .errors import InputError, ShareError, StorageError, ZooChanged, ZooError
 from .safetensors_file import SafetensorsFile
 from .schema import check_manifest
-from .zoo_files import MANIFEST, foreign_entries
+from .zoo_files import LOCK, MANIFEST, foreign_entries
 
 FORMAT = "sharecompress-zoo"
 FORMAT_VERSION = 1
@@ -92,11 +92,14 @@ def replaceable_zoo(target: Path) -> None:
     if not os.path.isdir(target):
         raise ZooError(target, "exists and is not a directory; refusing to replace it")
     with Dir.open(target, follow=False) as root:
-        if not root.names():
+        if not [n for n in root.names() if n != LOCK]:  # empty (the lock is ours, taken to replace it)
             return
         if root.lstat(MANIFEST) is None:
             raise ZooError(target, "exists and is not a sharecompress zoo (no manifest.json); refusing to replace it")
-        read_manifest(target, root)
+        try:
+            read_manifest(target, root)
+        except ZooError as exc:
+            raise ZooError(target, f"exists and is not a sharecompress zoo ({exc.problem}); refusing to replace it") from None
         foreign = foreign_entries(root)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")

@@ -67,8 +67,10 @@ def scheme_leftovers(root: Dir, keep: set[str]) -> list[str]:
             info = root.lstat(directory)
             if info is None:
                 continue
+            if stat.S_ISLNK(info.st_mode):
+                raise ZooError(root.path / directory, "is a symbolic link: a zoo never follows links; remove it")
             if not stat.S_ISDIR(info.st_mode):
-                raise ZooError(root.path / directory, "is not a directory (a link?): a zoo never follows links; remove it")
+                raise ZooError(root.path / directory, "is not a directory; remove it")
             here = root.sub(directory)
         else:
             here = root
@@ -81,7 +83,8 @@ def scheme_leftovers(root: Dir, keep: set[str]) -> list[str]:
                     continue
                 info = here.lstat(name)
                 if info is not None and not stat.S_ISREG(info.st_mode):
-                    raise ZooError(root.path / rel, "is not a regular file (a link?): refused; remove it")
+                    kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+                    raise ZooError(root.path / rel, f"is {kind}: a zoo never follows links; refused (remove it)")
                 found.append(rel)
         finally:
             if here is not root:

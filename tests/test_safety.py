@@ -1,0 +1,695 @@
+"""A zoo is a trust boundary (issue: safety). One section per guarantee of the README's "Safety".
+
+Every attack runs beside a checksummed sentinel tree outside the zoo; the ``sentinel`` fixture
+asserts after each test that nothing in it was created, changed or deleted.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import sharecompress
+from sharecompress import Zoo
+from sharecompress.cli import app
+from sharecompress.errors import InputError, ZooChanged, ZooError
+from sharecompress.names import name_problem
+from sharecompress.verify import verify
+
+from factories import PREFIX, random_factors, write_peft_adapter
+
+MODULES = {"layers.0.q_proj": (12, 10), "layers.0.v_proj": (12, 10)}
+Q = f"{PREFIX}layers.0.q_proj"  # the zoo keeps PEFT's module names
+runner = CliRunner()
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def tree_state(root):
+    """{relative path: (kind, mode, sha256 or link target)} of everything under ``root``."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            info = os.lstat(full)
+            rel = os.path.relpath(full, root)
+            if stat.S_ISLNK(info.st_mode):
+                state[rel] = ("link", os.readlink(full))
+            elif stat.S_ISREG(info.st_mode):
+                state[rel] = ("file", stat.S_IMODE(info.st_mode), hashlib.sha256(open(full, "rb").read()).hexdigest())
+            else:
+                state[rel] = ("dir", stat.S_IMODE(info.st_mode))
+    return state
+
+
+@pytest.fixture
+def sentinel(tmp_path):
+    """A tree outside the zoo, with files whose names the zoo's scheme also produces."""
+    root = tmp_path / "outside"
+    (root / "adapters").mkdir(parents=True)
+    for rel in ("secret.txt", "basis.safetensors", "manifest.json", "adapters/a0.safetensors",
+                "adapters/a0.g2.safetensors", "adapters/x.g9.safetensors"):
+        (root / rel).write_bytes(f"precious {rel}\n".encode())
+    before = tree_state(root)
+    yield root
+    assert tree_state(root) == before, "something outside the zoo was created, changed or deleted"
+
+
+def adapters(tmp_path, count=3, seed=0):
+    return [str(write_peft_adapter(tmp_path / "src" / f"a{i}", random_factors(MODULES, 2, seed=seed + i))) for i in range(count)]
+
+
+@pytest.fixture
+def zoo(tmp_path):
+    paths = adapters(tmp_path, 4)
+    sharecompress.merge(paths[:3], tmp_path / "zoo", k=3)
+    return tmp_path / "zoo"
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def refused(result, *needles, code=2):
+    """One line on stderr, the given exit code, no traceback; returns the line."""
+    assert result.exit_code == code, result.output
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert str(needle).lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
+def edit_manifest(zoo_dir, change):
+    path = zoo_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def hidden_leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+# ---------------------------------------------------------------- 1. names are single path components
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "a\\b", "/etc", "C:evil", "a\x00b", "a\nb", "x" * 201, " pad", "\u202eevil"])
+def test_unsafe_names_are_refused(name):
+    assert name_problem(name) is not None
+
+
+@pytest.mark.parametrize("name", ["sentiment", "owner--name", "v1.2-final", "ünïcode", ".hidden"])
+def test_ordinary_names_pass(name):
+    assert name_problem(name) is None
+
+
+def test_merge_refuses_an_adapter_named_with_a_control_character(tmp_path, sentinel):
+    src = write_peft_adapter(tmp_path / "evil\nname", random_factors(MODULES, 2, seed=1))
+    refused(cli("merge", src, "--zoo", tmp_path / "zoo", "-k", "2"), "control character")
+    assert not (tmp_path / "zoo").exists()
+
+
+@pytest.mark.parametrize("name", ["../outside/pwned", "/tmp/pwned", "..", "a/b"])
+def test_a_manifest_name_that_is_a_path_is_refused_on_open(zoo, tmp_path, sentinel, name):
+    edit_manifest(zoo, lambda m: m["adapters"][0].update(name=name))
+    refused(cli("export", "--all", "--zoo", zoo, "--out", tmp_path / "out"), "adapters[0].name")
+    refused(cli("report", "--zoo", zoo), "adapters[0].name")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("file", "../outside/secret.txt"), ("file", "/etc/passwd"), ("file", "adapters/../../outside/x.safetensors"),
+    ("file", "manifest.json"), ("extras_file", "../../x.safetensors"),
+])
+def test_a_manifest_file_outside_the_scheme_is_refused(zoo, tmp_path, sentinel, field, value):
+    edit_manifest(zoo, lambda m: m["adapters"][0].update({field: value, "extras_sha256": "0" * 64}))
+    refused(cli("export", "a0", "--zoo", zoo, "--out", tmp_path / "out"), f"adapters['a0'].{field}")
+
+
+def test_basis_file_outside_is_refused(zoo, sentinel):
+    edit_manifest(zoo, lambda m: m.update(basis_file="../outside/basis.safetensors"))
+    refused(cli("verify", "--zoo", zoo), "basis_file", code=1)
+
+
+def test_export_all_checks_every_target_before_writing_any(zoo, tmp_path, sentinel):
+    out = tmp_path / "out"
+    (out / "a2").mkdir(parents=True)
+    refused(cli("export", "--all", "--zoo", zoo, "--out", out), "a2", "--force")
+    assert sorted(p.name for p in out.iterdir()) == ["a2"]  # a0 and a1 were not written either
+
+
+def test_export_force_replaces_only_an_exported_adapter(zoo, tmp_path, sentinel):
+    out = tmp_path / "out"
+    assert cli("export", "a0", "--zoo", zoo, "--out", out).exit_code == 0
+    assert cli("export", "a0", "--zoo", zoo, "--out", out, "--force").exit_code == 0  # its own export: replaced
+    (out / "notes.txt").write_text("mine")
+    refused(cli("export", "a0", "--zoo", zoo, "--out", out, "--force"), "holds other files", "notes.txt")
+    assert (out / "notes.txt").read_text() == "mine"
+    refused(cli("export", "a0", "--zoo", zoo, "--out", sentinel, "--force"), "holds other files")
+    refused(cli("export", "a0", "--zoo", zoo, "--out", zoo, "--force"), "inside the zoo")
+    refused(cli("export", "a0", "--zoo", zoo, "--out", zoo / "adapters", "--force"), "inside the zoo")
+    refused(cli("export", "a0", "--zoo", zoo, "--out", tmp_path, "--force"), "inside the zoo")  # holds the zoo
+    (tmp_path / "link").symlink_to(sentinel, target_is_directory=True)
+    refused(cli("export", "a0", "--zoo", zoo, "--out", tmp_path / "link", "--force"), "symbolic link")
+    assert verify(zoo)[0] == []
+
+
+def test_report_outputs_never_land_in_the_zoo(zoo):
+    before = tree_state(zoo)
+    refused(cli("report", "--zoo", zoo, "--html", zoo / "manifest.json"), "inside the zoo")
+    assert tree_state(zoo) == before
+
+
+# ---------------------------------------------------------------- 2. confinement: links are refused, not followed
+
+
+def test_adapters_dir_linked_outside_is_refused_and_nothing_outside_is_deleted(zoo, tmp_path, sentinel):
+    shutil.rmtree(zoo / "adapters")
+    (zoo / "adapters").symlink_to(sentinel / "adapters", target_is_directory=True)
+    new = write_peft_adapter(tmp_path / "new", random_factors(MODULES, 2, seed=9))
+    refused(cli("add", new, "--zoo", zoo), "adapters", "symbolic link")
+    refused(cli("export", "a0", "--zoo", zoo, "--out", tmp_path / "out"), "symbolic link")
+    assert verify(zoo)[0]
+
+
+@pytest.mark.parametrize("planted", [".lock", "adapters/a1.g2.safetensors", "basis.g2.safetensors", "manifest.json.tmp"])
+def test_a_planted_link_is_refused_and_its_target_untouched(zoo, tmp_path, sentinel, planted):
+    (zoo / planted).symlink_to(sentinel / "secret.txt" if planted != ".lock" else sentinel / "created-by-lock")
+    new = write_peft_adapter(tmp_path / "new", random_factors(MODULES, 2, seed=9))
+    refused(cli("add", new, "--zoo", zoo), "link")
+    assert (zoo / planted).is_symlink()  # refused, not "cleaned up" either
+
+
+def test_a_linked_basis_file_is_never_read(zoo, tmp_path, sentinel):
+    real = zoo / "basis.safetensors"
+    shutil.copy(real, sentinel.parent / "basis-copy.safetensors")
+    real.unlink()
+    real.symlink_to(sentinel.parent / "basis-copy.safetensors")  # same bytes, same checksum: still refused
+    refused(cli("export", "a0", "--zoo", zoo, "--out", tmp_path / "out"), "symbolic link")
+
+
+def test_clean_up_deletes_only_the_zoos_own_files(zoo, tmp_path):
+    (zoo / "notes.txt").write_text("mine")
+    (zoo / "adapters" / "README").write_text("mine")
+    (zoo / "adapters" / "stale.g7.safetensors").write_bytes(b"left by a killed writer")
+    Zoo.open(zoo).add([write_peft_adapter(tmp_path / "new", random_factors(MODULES, 2, seed=9))])
+    assert (zoo / "notes.txt").read_text() == "mine" and (zoo / "adapters" / "README").read_text() == "mine"
+    assert not (zoo / "adapters" / "stale.g7.safetensors").exists()
+    assert verify(zoo)[0] == []
+
+
+# ---------------------------------------------------------------- 3. replacing a zoo
+
+
+def test_force_replaces_only_a_zoo_or_an_empty_directory(tmp_path, sentinel):
+    paths = adapters(tmp_path)
+    refused(cli("merge", *paths, "--zoo", sentinel, "--force", "-k", "2"), "not a sharecompress zoo")
+    (tmp_path / "empty").mkdir()
+    assert cli("merge", *paths, "--zoo", tmp_path / "empty", "--force", "-k", "2").exit_code == 0
+    assert Zoo.open(tmp_path / "empty").names == ["a0", "a1", "a2"]
+    (tmp_path / "zoo-link").symlink_to(tmp_path / "empty", target_is_directory=True)
+    refused(cli("merge", *paths, "--zoo", tmp_path / "zoo-link", "--force", "-k", "2"), "symbolic link")
+    (tmp_path / "empty" / "mine.txt").write_text("mine")
+    refused(cli("merge", *paths, "--zoo", tmp_path / "empty", "--force", "-k", "2"), "not the zoo's", "mine.txt")
+    (tmp_path / "empty" / "mine.txt").unlink()
+    assert cli("merge", paths[0], "--zoo", tmp_path / "empty", "--force", "-k", "2").exit_code == 0
+    assert Zoo.open(tmp_path / "empty").names == ["a0"]
+    assert hidden_leftovers(tmp_path) == []
+
+
+def test_combine_force_replaces_only_a_zoo(tmp_path, sentinel):
+    paths = adapters(tmp_path)
+    for i in (1, 2):
+        sharecompress.merge(paths, tmp_path / f"part{i}", k=2, shard=(i, 2))
+    refused(cli("combine", tmp_path / "part1", tmp_path / "part2", "--zoo", sentinel, "--force"), "not a sharecompress zoo")
+
+
+def _merge_process(paths, zoo_dir, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "sharecompress", "merge", *paths, "--zoo", str(zoo_dir), "--force", "-k", "2", "-q"],
+        stderr=subprocess.PIPE, env=env, text=True,
+    )
+
+
+def test_merge_force_waits_for_the_writer_lock(zoo, tmp_path):
+    from sharecompress.storage import WriterLock
+
+    new = adapters(tmp_path / "other", 2, seed=20)
+    with WriterLock(zoo):
+        proc = _merge_process(new, zoo)
+        time.sleep(3.0)
+        assert proc.poll() is None, proc.stderr.read()  # still waiting: the zoo is another writer's
+        assert Zoo.open(zoo).names == ["a0", "a1", "a2"]
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    assert Zoo.open(zoo).names == ["a0", "a1"] and verify(zoo)[0] == []
+
+
+@pytest.mark.parametrize("step", ["before-swap", "after-swap"])
+def test_a_kill_during_the_swap_leaves_one_whole_zoo(zoo, tmp_path, step):
+    new = adapters(tmp_path / "other", 2, seed=20)
+    proc = _merge_process(new, zoo, {"SHARECOMPRESS_PAUSE_AT": f"{step}:30"})
+    assert f"paused at {step}" in proc.stderr.readline()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert verify(zoo)[0] == []
+    assert Zoo.open(zoo).names == (["a0", "a1", "a2"] if step == "before-swap" else ["a0", "a1"])
+    # the killed writer's hidden staging is cleaned by the next merge of that target
+    sharecompress.merge(new, zoo, k=2, force=True)
+    assert hidden_leftovers(tmp_path) == []
+
+
+def test_a_swap_by_renames_killed_half_way_is_restored(zoo, tmp_path):
+    """Where the file system has no atomic exchange, the old zoo set aside is put back by the next command."""
+    aside = tmp_path / ".zoo.old-999999-0123abcd"
+    os.rename(zoo, aside)  # the state a kill between the two renames leaves
+    assert Zoo.open(zoo).names == ["a0", "a1", "a2"]
+    assert not aside.exists() and verify(zoo)[0] == []
+
+
+def test_swap_without_exchange_gives_the_same_result(zoo, tmp_path, monkeypatch):
+    from sharecompress import storage
+
+    monkeypatch.setattr(storage, "_renameat2", lambda *a: False)
+    sharecompress.merge(adapters(tmp_path / "other", 2, seed=20), zoo, k=2, force=True)
+    assert Zoo.open(zoo).names == ["a0", "a1"] and verify(zoo)[0] == [] and hidden_leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------- 4. consistent reads
+
+
+def _tensors(folder):
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_a_reader_never_mixes_generations(zoo, tmp_path):
+    stale = Zoo.open(zoo)
+    stale.bases()  # generation 1's basis is in memory
+    Zoo.open(zoo).add([write_peft_adapter(tmp_path / "new", random_factors(MODULES, 2, seed=9))])
+    with pytest.raises(ZooChanged):
+        stale.cores("a0")  # generation 1's cores file is gone: refused, never read from generation 2
+    stale.export("a0", tmp_path / "from-stale")  # export starts over on the new generation
+    Zoo.open(zoo).export("a0", tmp_path / "fresh")
+    got, want = _tensors(tmp_path / "from-stale"), _tensors(tmp_path / "fresh")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_exports_during_concurrent_adds_are_each_one_generation(zoo, tmp_path):
+    """Each export taken while adds run equals the export of exactly one generation (replayed on a copy)."""
+    news = [write_peft_adapter(tmp_path / f"new{i}", random_factors(MODULES, 2, seed=30 + i)) for i in range(4)]
+    shutil.copytree(zoo, tmp_path / "replay")
+    generations = []
+    for i in range(len(news) + 1):
+        if i:
+            Zoo.open(tmp_path / "replay").add([news[i - 1]])
+        Zoo.open(tmp_path / "replay").export("a0", tmp_path / f"ref{i}")
+        generations.append(_tensors(tmp_path / f"ref{i}"))
+    errors = []
+
+    def writer():
+        try:
+            for path in news:
+                Zoo.open(zoo).add([path])
+        except Exception as exc:  # pragma: no cover - shown by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seen = set()
+    count = 0
+    while thread.is_alive() or count == 0:
+        out = tmp_path / f"e{count}"
+        Zoo.open(zoo).export("a0", out)
+        got = _tensors(out)
+        matches = [g for g, want in enumerate(generations) if all(torch.equal(got[k], want[k]) for k in want)]
+        assert len(matches) == 1, f"export {count} matches generations {matches}"
+        seen.add(matches[0])
+        count += 1
+    thread.join()
+    assert errors == [] and verify(zoo)[0] == []
+    assert Zoo.open(zoo).manifest["generation"] == len(news) + 1
+
+
+# ---------------------------------------------------------------- 5. integrity on read
+
+
+def flip_byte(path, offset=-3):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_are_refused_everywhere(zoo, tmp_path):
+    cores = zoo / Zoo.open(zoo).adapter("a1")["file"]
+    flip_byte(cores)
+    (zoo / ".lock").touch()  # made by the first writer that tries
+    before = tree_state(zoo)
+    refused(cli("export", "a1", "--zoo", zoo, "--out", tmp_path / "out"), "checksum differs")
+    refused(cli("add", write_peft_adapter(tmp_path / "new", random_factors(MODULES, 2, seed=9)), "--zoo", zoo), "checksum differs")
+    refused(cli("report", "--zoo", zoo, "--against", tmp_path / "src"), "checksum differs")
+    assert tree_state(zoo) == before  # add wrote no new generation over the corrupt file
+    problems, _ = verify(zoo)
+    assert any("checksum differs" in p for p in problems)
+    assert not (tmp_path / "out").exists()
+
+
+def test_flipped_basis_byte_is_refused(zoo, tmp_path):
+    flip_byte(zoo / "basis.safetensors", 100)
+    refused(cli("export", "a0", "--zoo", zoo, "--out", tmp_path / "out"), "checksum differs")
+
+
+@pytest.mark.parametrize("key", ["basis_sha256", "file_sha256"])
+def test_a_file_without_a_checksum_is_an_error(zoo, key):
+    edit_manifest(zoo, lambda m: (m if key == "basis_sha256" else m["adapters"][0]).pop(key))
+    problems, _ = verify(zoo)
+    assert problems and key in problems[0]
+    refused(cli("report", "--zoo", zoo), key)
+
+
+def test_a_file_larger_than_the_manifest_allows_is_not_read(zoo, tmp_path):
+    entry = Zoo.open(zoo).adapter("a0")
+    path = zoo / entry["file"]
+    path.write_bytes(path.read_bytes() + b"\0" * (1 << 20))
+    refused(cli("export", "a0", "--zoo", zoo, "--out", tmp_path / "out"), "more than the", "expected")
+
+
+# ---------------------------------------------------------------- 6. manifest schema
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda m: m["adapters"][0]["modules"][Q].update(p=99), f"adapters['a0'].modules['{Q}'].p"),
+    (lambda m: m["modules"][Q].update(k_u=500), f"modules['{Q}'].k_u"),
+    (lambda m: m["modules"][Q].update(shape=[-1, 10]), f"modules['{Q}'].shape[0]"),
+    (lambda m: m["modules"][Q].update(shape=[12]), f"modules['{Q}'].shape"),
+    (lambda m: m["adapters"][0]["modules"][Q].update(err2=-1.0), "err2"),
+    (lambda m: m["adapters"][0]["modules"][Q].update(norm2="big"), "norm2"),
+    (lambda m: m["adapters"][0]["modules"][Q].update(b_shape=[99, 2]), "b_shape"),
+    (lambda m: m.update(dtype="float64"), "dtype"),
+    (lambda m: m.update(generation=0), "generation"),
+    (lambda m: m["adapters"][0].update(name=7), "adapters[0].name"),
+    (lambda m: m["adapters"][1].update(name="a0"), "appears twice"),
+    (lambda m: m["adapters"][1].update(file=m["adapters"][0]["file"]), "named twice"),
+    (lambda m: m["adapters"][0]["modules"].update({"nope": m["adapters"][0]["modules"][Q]}), "not one of the manifest's modules"),
+    (lambda m: m["adapters"][0].update(layout="lycoris"), "layout"),
+    (lambda m: m.update(adapters={}), "adapters"),
+    (lambda m: m.update(shard={"index": 3, "count": 2}), "shard.index"),
+])
+def test_a_bad_field_is_one_line_naming_it(zoo, tmp_path, change, field):
+    edit_manifest(zoo, change)
+    for args in (("report",), ("list",), ("export", "a0", "--out", tmp_path / "out"), ("add", tmp_path / "src" / "a3")):
+        refused(cli(*args, "--zoo", zoo), field)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('{"format": "sharecompress-zoo", "format_version": 1, "x": NaN}', "NaN"),
+    ("[" * 100000 + "]" * 100000, "nested"),
+    ('{"format": "sharecompress-zoo", "format": "other"}', "twice"),
+    ('{"format": "sharecompress-zoo", "format_version": 1e999}', "overflows"),
+    ("\xff\xfe not text", "UTF-8"),
+])
+def test_a_hostile_manifest_is_one_line(zoo, text, needle):
+    (zoo / "manifest.json").write_bytes(text.encode("utf-8", "surrogateescape") if not text.startswith("\xff") else b"\xff\xfe x")
+    refused(cli("report", "--zoo", zoo), needle)
+
+
+def test_an_oversized_manifest_is_not_read(zoo):
+    with open(zoo / "manifest.json", "ab") as fh:
+        fh.truncate(65 << 20)
+    refused(cli("list", "--zoo", zoo), "more than the")
+
+
+# ---------------------------------------------------------------- 7. inputs
+
+
+def _adapter_with(tmp_path, name, tensors, config=None):
+    folder = tmp_path / name
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(config or {"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    return folder
+
+
+def test_a_zero_size_dimension_is_refused_fast(tmp_path):
+    src = _adapter_with(tmp_path, "zero", {f"{PREFIX}m.lora_A.weight": torch.zeros(2, 0), f"{PREFIX}m.lora_B.weight": torch.zeros(12, 2)})
+    start = time.monotonic()
+    refused(cli("merge", src, "--zoo", tmp_path / "zoo", "-k", "2"), "zero-size")
+    assert time.monotonic() - start < 60
+
+
+def test_a_rank_above_the_module_size_costs_the_module_not_the_rank(tmp_path):
+    """rank 200,000 on a 4 × 3 module: an r × r matrix would be 320 GB; the update is kept exactly."""
+    r = 200_000
+    gen = torch.Generator().manual_seed(0)
+    B, A = torch.randn(4, r, generator=gen) / 100, torch.randn(r, 3, generator=gen) / 100
+    src = _adapter_with(tmp_path, "wide", {f"{PREFIX}m.lora_A.weight": A, f"{PREFIX}m.lora_B.weight": B},
+                        {"peft_type": "LORA", "r": r, "lora_alpha": 2.0 * r})
+    zoo = sharecompress.merge([str(src)], tmp_path / "zoo", k=3)
+    (U, V), (E, F) = zoo.bases()[f"{PREFIX}m"], zoo.cores("wide")[f"{PREFIX}m"]
+    dense = 2.0 * (B.double() @ A.double())
+    got = U.double() @ E.double() @ F.double() @ V.double().T
+    assert torch.allclose(got, dense, rtol=1e-4, atol=1e-6)
+    assert zoo.adapter("wide")["relative_error"] < 1e-5
+
+
+def test_fifos_and_devices_are_refused_without_blocking(tmp_path):
+    fifo_dir = _adapter_with(tmp_path, "fifo", {f"{PREFIX}m.lora_A.weight": torch.ones(2, 3), f"{PREFIX}m.lora_B.weight": torch.ones(4, 2)})
+    (fifo_dir / "adapter_config.json").unlink()
+    os.mkfifo(fifo_dir / "adapter_config.json")
+    refused(cli("merge", fifo_dir, "--zoo", tmp_path / "zoo", "-k", "2"), "not a regular file", "FIFO")
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    refused(cli("merge", tmp_path / "pipe.safetensors", "--zoo", tmp_path / "zoo", "--alpha", "4"), "not a regular file")
+    refused(cli("merge", "/dev/zero", "--zoo", tmp_path / "zoo", "--alpha", "4"), "not a regular file")
+
+
+@pytest.mark.parametrize("config,needle", [
+    ({"peft_type": "LORA", "r": 2, "lora_alpha": 1e60}, "lora_alpha"),
+    ({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "alpha_pattern": {"m": 1e30}}, "scale"),
+])
+def test_overflowing_scales_are_refused_by_name(tmp_path, config, needle):
+    src = _adapter_with(tmp_path, "loud", {f"{PREFIX}m.lora_A.weight": torch.ones(2, 3), f"{PREFIX}m.lora_B.weight": torch.ones(4, 2)}, config)
+    refused(cli("merge", src, "--zoo", tmp_path / "zoo", "-k", "2"), needle)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('{"peft_type": "LORA", "r": 2, "lora_alpha": NaN}', "NaN"),
+    ('{"peft_type": "LORA", "r": 2, "lora_alpha": 1e999}', "overflows"),
+    ('{"a":' * 5000 + "1" + "}" * 5000, "nested"),
+    ('{"r": 2, "r": 3, "lora_alpha": 4}', "twice"),
+])
+def test_hostile_configs_are_one_line(tmp_path, text, needle):
+    src = _adapter_with(tmp_path, "cfg", {f"{PREFIX}m.lora_A.weight": torch.ones(2, 3), f"{PREFIX}m.lora_B.weight": torch.ones(4, 2)})
+    (src / "adapter_config.json").write_text(text)
+    refused(cli("merge", src, "--zoo", tmp_path / "zoo", "-k", "2"), needle)
+
+
+def test_an_oversized_config_is_not_read(tmp_path):
+    src = _adapter_with(tmp_path, "cfg", {f"{PREFIX}m.lora_A.weight": torch.ones(2, 3), f"{PREFIX}m.lora_B.weight": torch.ones(4, 2)})
+    with open(src / "adapter_config.json", "ab") as fh:
+        fh.truncate(17 << 20)
+    refused(cli("merge", src, "--zoo", tmp_path / "zoo", "-k", "2"), "more than the")
+
+
+def _raw_safetensors(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+A_KEY, B_KEY = f"{PREFIX}m.lora_A.weight", f"{PREFIX}m.lora_B.weight"
+
+
+@pytest.mark.parametrize("header,data,needle", [
+    ({A_KEY: {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+      B_KEY: {"dtype": "F32", "shape": [4, 2], "data_offsets": [8, 40]}}, b"\0" * 40, "overlaps"),
+    ({A_KEY: {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+      B_KEY: {"dtype": "F32", "shape": [4, 2], "data_offsets": [32, 64]}}, b"\0" * 64, "unused bytes"),
+    ({A_KEY: {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+      B_KEY: {"dtype": "F32", "shape": [4, 2], "data_offsets": [24, 56]}}, b"\0" * 60, "after the last tensor"),
+])
+def test_the_reader_is_as_strict_as_the_library(tmp_path, header, data, needle):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(_raw_safetensors(header, data))
+    with pytest.raises(Exception):  # the safetensors library refuses the same file
+        with safe_open(str(path), "pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
+    refused(cli("merge", path, "--zoo", tmp_path / "zoo", "--alpha", "4"), needle)
+
+
+def test_duplicate_header_keys_are_refused(tmp_path):
+    text = ('{"%s": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}, '
+            '"%s": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}') % (A_KEY, A_KEY)
+    path = tmp_path / "dup.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text.encode() + b"\0" * 24)
+    refused(cli("merge", path, "--zoo", tmp_path / "zoo", "--alpha", "4"), "twice")
+
+
+def test_written_files_are_read_back_by_the_library(zoo):
+    """Our own writer (streamed, hashed as written) produces files the safetensors library reads identically."""
+    opened = Zoo.open(zoo)
+    with safe_open(str(zoo / "basis.safetensors"), "pt") as f:
+        for module, (U, V) in opened.bases().items():
+            assert torch.equal(f.get_tensor(f"{module}.U"), U) and torch.equal(f.get_tensor(f"{module}.V"), V)
+
+
+def _hub_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    repo = cache / "models--owner--adapter"
+    commit = "a" * 40
+    snap = repo / "snapshots" / commit
+    src = write_peft_adapter(tmp_path / "hubsrc", random_factors(MODULES, 2, seed=5))
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        blob = repo / "blobs" / hashlib.sha256(name.encode()).hexdigest()
+        shutil.copy(src / name, blob)
+        (snap / name).symlink_to(os.path.relpath(blob, snap))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return repo, snap
+
+
+def test_hub_refs_stay_inside_the_cache(tmp_path, monkeypatch, sentinel):
+    repo, snap = _hub_cache(tmp_path, monkeypatch)
+    assert cli("merge", "owner/adapter", "--zoo", tmp_path / "zoo", "-k", "2").exit_code == 0
+    (repo / "refs" / "main").write_text("../../../../outside")
+    refused(cli("merge", "owner/adapter", "--zoo", tmp_path / "zoo2", "-k", "2"), "commit hash")
+    (repo / "refs" / "main").unlink()
+    os.mkfifo(repo / "refs" / "main")
+    refused(cli("merge", "owner/adapter", "--zoo", tmp_path / "zoo2", "-k", "2"), "not a regular file")
+
+
+def test_hub_snapshot_files_linking_outside_are_refused(tmp_path, monkeypatch, sentinel):
+    repo, snap = _hub_cache(tmp_path, monkeypatch)
+    outside_copy = tmp_path / "elsewhere.json"
+    shutil.copy(snap / "adapter_config.json", outside_copy)
+    (snap / "adapter_config.json").unlink()
+    (snap / "adapter_config.json").symlink_to(outside_copy)
+    refused(cli("merge", "owner/adapter", "--zoo", tmp_path / "zoo", "-k", "2"), "outside the cache")
+
+
+MALFORMED_SCRIPT = r"""
+import json, resource, sys, time
+from typer.testing import CliRunner
+from sharecompress.cli import app
+runner = CliRunner()
+rows = []
+for args in json.loads(sys.argv[1]):
+    start = time.monotonic()
+    result = runner.invoke(app, args)
+    rows.append([args, result.exit_code, time.monotonic() - start, "Traceback" in result.output])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"rows": rows, "peak": peak}))
+"""
+
+
+def test_every_malformed_input_ends_within_60s_and_2GB(tmp_path):
+    """All the hostile inputs above, in one process: each case timed, the process's peak memory bounds them all."""
+    cases = []
+    r = 1 << 22  # a claimed rank of 4M on a 3 × 2 module: 64 MB of factors, 128 TB as an r × r matrix
+    huge = _adapter_with(tmp_path, "huge-rank", {A_KEY: torch.zeros(r, 2), B_KEY: torch.zeros(3, r)},
+                         {"peft_type": "LORA", "r": r, "lora_alpha": 1.0})
+    cases.append(["merge", str(huge), "--zoo", str(tmp_path / "z1"), "-k", "2"])
+    zero = _adapter_with(tmp_path, "zero", {A_KEY: torch.zeros(2, 0), B_KEY: torch.zeros(12, 2)})
+    cases.append(["merge", str(zero), "--zoo", str(tmp_path / "z2"), "-k", "2"])
+    deep = _adapter_with(tmp_path, "deep", {A_KEY: torch.ones(2, 3), B_KEY: torch.ones(4, 2)})
+    (deep / "adapter_config.json").write_text("[" * 1_000_000 + "]" * 1_000_000)
+    cases.append(["merge", str(deep), "--zoo", str(tmp_path / "z3"), "-k", "2"])
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    cases.append(["merge", str(fifo), "--zoo", str(tmp_path / "z4"), "--alpha", "4"])
+    header = tmp_path / "header.safetensors"
+    header.write_bytes(struct.pack("<Q", 99 << 20) + b"{" + b" " * ((99 << 20) - 1))
+    cases.append(["merge", str(header), "--zoo", str(tmp_path / "z5"), "--alpha", "4"])
+    zoo_dir = tmp_path / "zoo"
+    sharecompress.merge(adapters(tmp_path, 2), zoo_dir, k=2)
+    with open(zoo_dir / "manifest.json", "wb") as fh:
+        fh.write(b"[" + b"[]," * ((60 << 20) // 3) + b"[]]")  # 60 MB of nested lists, under the size cap
+    cases.append(["list", "--zoo", str(zoo_dir)])
+    out = subprocess.run([sys.executable, "-c", MALFORMED_SCRIPT, json.dumps(cases)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    for args, code, seconds, traceback in report["rows"]:
+        assert (code, traceback) == (0 if args[1] == str(huge) else 2, False), args
+        assert seconds < 60, (args, seconds)
+    assert report["peak"] < 2 << 30, report["peak"]
+
+
+# ---------------------------------------------------------------- 8. OS errors
+
+
+def _fail_writes_after(monkeypatch, count, code=errno.ENOSPC):
+    real = os.write
+    calls = {"n": 0}
+
+    def write(fd, data):
+        calls["n"] += 1
+        if calls["n"] > count:
+            raise OSError(code, os.strerror(code))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+
+def test_no_space_during_merge_leaves_nothing(tmp_path, monkeypatch):
+    paths = adapters(tmp_path)
+    _fail_writes_after(monkeypatch, 3)
+    line = refused(cli("merge", *paths, "--zoo", tmp_path / "zoo", "-k", "2"), "No space left on device")
+    assert str(tmp_path) in line
+    assert not (tmp_path / "zoo").exists() and hidden_leftovers(tmp_path) == []
+
+
+def test_no_space_in_the_middle_of_export_all_writes_no_target(zoo, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _fail_writes_after(monkeypatch, 5)  # the third adapter's files fail
+    refused(cli("export", "--all", "--zoo", zoo, "--out", out), "No space left on device")
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_a_name_too_long_is_one_line(zoo, tmp_path):
+    refused(cli("export", "a0", "--zoo", zoo, "--out", tmp_path / ("x" * 300)), "File name too long")
+    assert hidden_leftovers(tmp_path) == []
+
+
+def test_no_space_during_add_keeps_the_old_generation(zoo, tmp_path, monkeypatch):
+    new = write_peft_adapter(tmp_path / "new", random_factors(MODULES, 2, seed=9))
+    before = tree_state(zoo)
+    _fail_writes_after(monkeypatch, 2)
+    refused(cli("add", new, "--zoo", zoo), "No space left on device")
+    monkeypatch.undo()
+    after = tree_state(zoo)
+    after.pop(".lock", None), before.pop(".lock", None)
+    assert after == before and verify(zoo) == ([], [])
+
+
+# ---------------------------------------------------------------- 9. permissions
+
+
+def test_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        zoo = sharecompress.merge(adapters(tmp_path), tmp_path / "zoo", k=2)
+        zoo.export("a0", tmp_path / "out")
+    finally:
+        os.umask(old)
+    for path in [*(tmp_path / "zoo").rglob("*"), *(tmp_path / "out").rglob("*")]:
+        want = 0o755 if path.is_dir() else 0o644
+        assert stat.S_IMODE(path.stat().st_mode) == want, path
