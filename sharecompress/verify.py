@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .confined import Dir
-from .errors import ShareError, ZooError
+from .errors import ShareError
 from .safetensors_file import SafetensorsFile
 from .transaction import referenced_files
 from .zoo import read_checked, read_manifest, side_ks
@@ -76,6 +76,6 @@ def verify(path: str | Path) -> tuple[list[str], list[str]]:
                     problems.append(f"{full}: a symbolic link inside the zoo (never followed; remove it)")
                 else:
                     notes.append(f"{full}: not a file of this zoo (left alone; `merge --force` will not replace a zoo holding it)")
-    except ZooError as exc:
+    except ShareError as exc:
         problems.append(str(exc))
     return problems, notes
