@@ -288,6 +288,12 @@ class Zoo:
         remove(self.path, names)
         self.reload()
 
+    def attach(self, model, device=None, dtype=None):
+        """Serve this zoo from memory inside ``model`` (patched in place); see ``runtime.Runtime``."""
+        from .runtime import Runtime
+
+        return Runtime(self, model, device=device, dtype=dtype)
+
     def verify(self) -> tuple[list[str], list[str]]:
         from .verify import verify
 

