@@ -1,10 +1,10 @@
 """One module's shared bases and every adapter's core, and the low-rank update they make.
 
 ΔŴ_t = U·E_t·F_t·Vᵀ (DESIGN.md §8): the input is projected once for the whole batch (z = x·V,
-one GEMM d → k_v), each row goes through its own adapter's small core (F then E: k_v → p → k_u,
-gathered by row and applied with two batched matmuls), and the result is lifted once (z·Uᵀ, one
-GEMM k_u → n). The cores are stacked, zero-padded to the largest p, with one extra all-zero slot
-that is the base model: a padded row contributes exactly zero.
+one GEMM d → k_v), each row goes through its own adapter's small core (F then E: k_v → p → k_u),
+and the result is lifted once (·Uᵀ, one GEMM k_u → n). Cores are stacked by pseudo-rank p (one
+stack per distinct p, usually one or two), so memory is exactly Σ_t (k_u + k_v)·p_t, and a mixed
+batch costs one gather and two batched matmuls per stack present in it.
 """
 
 from __future__ import annotations
@@ -16,50 +16,84 @@ from .routing import Routing
 
 
 class CoreBank(nn.Module):
-    """U (n × k_u), V (d × k_v), E (T+1, k_u, P), F (T+1, P, k_v) as non-persistent buffers."""
+    """U (n × k_u), V (d × k_v) and, per distinct p, E (m, k_u, p) and F (m, p, k_v): non-persistent buffers."""
 
     def __init__(self, U: torch.Tensor, V: torch.Tensor, cores: list[tuple[torch.Tensor, torch.Tensor] | None],
                  routing: Routing, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
-        ku, kv = U.shape[1], V.shape[1]
-        width = max([e.shape[1] for e, _ in filter(None, cores)], default=0)
-        E = torch.zeros(len(cores) + 1, ku, width, dtype=dtype)
-        F = torch.zeros(len(cores) + 1, width, kv, dtype=dtype)
-        self.ps = []
-        for t, pair in enumerate(cores):
-            p = 0
-            if pair is not None:
-                p = pair[0].shape[1]
-                E[t, :, :p], F[t, :p] = pair[0].to(dtype), pair[1].to(dtype)
-            self.ps.append(p)
-        self.ps.append(0)  # the base model's slot
+        self.routing = routing
         self.register_buffer("U", U.to(device=device, dtype=dtype).contiguous(), persistent=False)
         self.register_buffer("V", V.to(device=device, dtype=dtype).contiguous(), persistent=False)
-        self.register_buffer("E", E.to(device), persistent=False)
-        self.register_buffer("F", F.to(device), persistent=False)
-        self.routing = routing
+        by_p: dict[int, list[int]] = {}
+        for t, pair in enumerate(cores):
+            if pair is not None and pair[0].shape[1] > 0:
+                by_p.setdefault(pair[0].shape[1], []).append(t)
+        self.widths = sorted(by_p)
+        # where each slot's core lives: (stack, position); -1 for none (the base model's slot included)
+        stack_of = torch.full((len(cores) + 1,), -1, dtype=torch.long)
+        position = torch.zeros(len(cores) + 1, dtype=torch.long)
+        for i, p in enumerate(self.widths):
+            members = by_p[p]
+            E = torch.stack([cores[t][0] for t in members]).to(device=device, dtype=dtype)
+            F = torch.stack([cores[t][1] for t in members]).to(device=device, dtype=dtype)
+            self.register_buffer(f"E{i}", E.contiguous(), persistent=False)
+            self.register_buffer(f"F{i}", F.contiguous(), persistent=False)
+            stack_of[members] = i
+            position[members] = torch.arange(len(members))
+        self.stack_of, self.position = stack_of.tolist(), position.tolist()
+        self.register_buffer("_stack_of", stack_of.to(device), persistent=False)
+        self.register_buffer("_position", position.to(device), persistent=False)
+        self._plan: tuple[int, list] | None = None
+        self._active: tuple[int, bool] | None = None
+
+    def stacks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(getattr(self, f"E{i}"), getattr(self, f"F{i}")) for i in range(len(self.widths))]
 
     def core_bytes(self) -> int:
-        return self.E.numel() * self.E.element_size() + self.F.numel() * self.F.element_size()
+        return sum(t.numel() * t.element_size() for pair in self.stacks() for t in pair)
 
     def basis_bytes(self) -> int:
         return self.U.numel() * self.U.element_size() + self.V.numel() * self.V.element_size()
 
     def active(self) -> bool:
-        """False when no row of the next forward uses an adapter with a core here."""
+        """False when no row of the next forward has a core here (the base model, or adapters without this module)."""
         r = self.routing
         if r.rows is None:
-            return self.ps[r.single] > 0
-        return True
+            return self.stack_of[r.single] >= 0
+        if self._active is None or self._active[0] != r.version:
+            self._active = (r.version, any(self.stack_of[s] >= 0 for s in r.rows.tolist()))
+        return self._active[1]
+
+    def _rows_plan(self, rows: torch.Tensor) -> list:
+        """[(stack, rows in it, their positions)] for the current routing; made once per ``use``."""
+        if self._plan is None or self._plan[0] != self.routing.version:
+            stack, pos = self._stack_of[rows], self._position[rows]
+            plan = []
+            for i in range(len(self.widths)):
+                sel = (stack == i).nonzero().squeeze(1)
+                if sel.numel():
+                    plan.append((i, sel, pos[sel]))
+            self._plan = (self.routing.version, plan)
+        return self._plan[1]
 
     def lift(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, …, k_v) = x·V for the batch → the update (B, …, n): each row through its own core, then ·Uᵀ."""
         r = self.routing
         if r.rows is None:
-            p = self.ps[r.single]
-            w = (z @ self.F[r.single, :p].mT) @ self.E[r.single, :, :p].mT
+            E, F = self.stacks()[self.stack_of[r.single]]
+            at = self.position[r.single]
+            return ((z @ F[at].mT) @ E[at].mT) @ self.U.mT
+        rows = r.rows_on(z.device, z.shape[0])
+        flat = z.reshape(z.shape[0], -1, z.shape[-1])
+        plan = self._rows_plan(rows)
+        stacks = self.stacks()
+        if len(plan) == 1 and plan[0][1].numel() == z.shape[0]:  # every row in one stack: no scatter
+            i, _, at = plan[0]
+            E, F = stacks[i]
+            w = torch.bmm(torch.bmm(flat, F[at].mT), E[at].mT)
         else:
-            rows = r.rows_on(z.device, z.shape[0])
-            flat = z.reshape(z.shape[0], -1, z.shape[-1])
-            w = torch.bmm(torch.bmm(flat, self.F[rows].mT), self.E[rows].mT).reshape(*z.shape[:-1], -1)
-        return w @ self.U.mT
+            w = flat.new_zeros(flat.shape[0], flat.shape[1], self.U.shape[1])
+            for i, sel, at in plan:
+                E, F = stacks[i]
+                w[sel] = torch.bmm(torch.bmm(flat[sel], F[at].mT), E[at].mT)
+        return w.reshape(*z.shape[:-1], -1) @ self.U.mT

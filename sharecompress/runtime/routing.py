@@ -14,15 +14,18 @@ class Routing:
 
     def __init__(self, count: int) -> None:
         self.base = count
+        self.version = 0  # bumped by every use: wrappers cache per-routing plans against it
         self.single: int | None = count
         self.rows: torch.Tensor | None = None
         self._on: dict[torch.device, torch.Tensor] = {}
 
     def use_one(self, slot: int) -> None:
         self.single, self.rows, self._on = slot, None, {}
+        self.version += 1
 
     def use_rows(self, slots: list[int]) -> None:
         self.single, self.rows, self._on = None, torch.tensor(slots, dtype=torch.long), {}
+        self.version += 1
 
     def rows_on(self, device: torch.device, batch: int) -> torch.Tensor:
         """The per-row slots on ``device``; the batch must have exactly one row per slot."""
