@@ -39,7 +39,7 @@ for path in sys.argv[1:]:
 
 DENSE_BASELINE = """
 import json, sys, torch
-from sharecompress.readers import find_adapters
+from sharecompress.io.readers import find_adapters
 k = int(sys.argv[1]); modules = int(sys.argv[2]); adapters = find_adapters(sys.argv[3:])
 names = sorted(adapters[0].modules)[:modules]
 err2 = norm2 = 0.0
@@ -55,7 +55,7 @@ print(json.dumps({"relative_error": (err2 / norm2) ** 0.5}))
 
 LORASHARE_ERROR = """
 import json, sys, torch
-from sharecompress.readers import find_adapters
+from sharecompress.io.readers import find_adapters
 originals, rebuilt = find_adapters(sys.argv[2:]), {a.name: a for a in find_adapters([sys.argv[1]])}
 err2 = norm2 = 0.0
 for a in originals:

@@ -1,9 +1,13 @@
-"""sharecompress: many LoRA adapters → one shared low-rank basis per layer + tiny cores."""
+"""sharecompress: many LoRA adapters → one shared low-rank basis per layer + tiny cores.
 
-__version__ = "0.1.0"
+The package is built in rooms, each importing only those below it: ``io`` (reading adapters
+and files), ``core`` (the linear algebra), ``store`` (the zoo on disk), ``ops`` (merge, add,
+remove, combine, export), ``runtime`` (serving a zoo in memory) and ``report``. The public API
+(``merge``, ``Zoo``) and the CLI sit on top; nothing below imports them.
+"""
 
-from .errors import InputError, ShareError, ZooError  # noqa: E402
-from .zoo import Zoo  # noqa: E402
-from .merge import merge  # noqa: E402
+from ._version import __version__
+from .errors import InputError, ShareError, ZooError
+from .zoo import Zoo, merge
 
 __all__ = ["merge", "Zoo", "ShareError", "InputError", "ZooError", "__version__"]

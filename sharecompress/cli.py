@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import __version__
+from ._version import __version__
 from .errors import ShareError
-from .zoo import DEFAULT_ZOO
+from .store.manifest import DEFAULT_ZOO
 
 app = typer.Typer(
     add_completion=False,
@@ -36,7 +36,7 @@ ZooOption = typer.Option(DEFAULT_ZOO, "--zoo", help="Zoo directory.")
 def fail(message: str, code: int = 2) -> "typer.Exit":
     # escaped: paths and hints hold brackets ("sharecompress[plot]", "run[1]/") that rich would eat as markup,
     # and a hostile file name's newlines or terminal codes must not split the line or reach the terminal
-    from .names import visible
+    from .io.names import visible
 
     err.print(f"[red]error:[/] {escape(visible(message))}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
@@ -91,7 +91,7 @@ def main(
     version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Print the version."),
 ) -> None:
     """sharecompress: merge, add, report, export, remove, list, verify."""
-    from . import storage
+    from .store import storage
 
     storage.on_wait = say_waiting  # a writer waiting for another's lock says so
 
@@ -117,8 +117,8 @@ def merge(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
     """Compress adapters into a new zoo."""
-    from .merge import merge as run_merge
-    from .report import render
+    from .zoo import merge as run_merge
+    from .report.report import render
 
     with user_errors(), module_progress(not quiet, "merging") as progress:
         result = run_merge(
@@ -146,10 +146,11 @@ def combine(
     force: bool = typer.Option(False, "--force", help="Replace an existing zoo."),
 ) -> None:
     """Join the partial zoos of a sharded merge into one zoo."""
-    from .combine import combine as run_combine
+    from .ops.combine import combine as run_combine
+    from .zoo import Zoo
 
     with user_errors():
-        result = run_combine(parts, zoo, force=force)
+        result = Zoo.open(run_combine(parts, zoo, force=force))
     err.print(f"wrote zoo [bold]{zoo}[/] from {len(parts)} parts ({len(result.modules)} modules)")
 
 
@@ -188,8 +189,8 @@ def report(
     html: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML page: summary, figures and tables."),
 ) -> None:
     """Exact reconstruction error and bytes, per adapter and for the zoo."""
-    from .figures import check_outputs, write_outputs
-    from .report import render
+    from .report.figures import check_outputs, write_outputs
+    from .report.report import render
     from .zoo import Zoo
 
     with user_errors():
@@ -220,7 +221,7 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace earlier exports: only a directory holding an exported adapter's files, or a .safetensors file; never anything else."),
 ) -> None:
     """Rebuild adapters from the zoo, each in the key layout it came in (PEFT, kohya, diffusers)."""
-    from .export import export_adapters
+    from .ops.export import export_adapters
     from .zoo import Zoo
 
     with user_errors():
@@ -278,7 +279,7 @@ def list_(zoo: Path = ZooOption, as_json: bool = typer.Option(False, "--json", h
 @app.command()
 def verify(zoo: Path = ZooOption) -> None:
     """Check checksums, shapes and the manifest against the files; exit 1 naming any problem."""
-    from .verify import verify as run_verify
+    from .store.verify import verify as run_verify
 
     if not zoo.exists():
         raise fail(f"{zoo}: no such zoo directory")

@@ -12,7 +12,7 @@ import pytest
 
 import sharecompress
 from sharecompress import Zoo
-from sharecompress.verify import verify
+from sharecompress.store.verify import verify
 
 from factories import random_factors, write_peft_adapter
 
@@ -96,7 +96,7 @@ def test_kill_at_random_instants(tmp_path, zoo_and_new):
 
 def test_a_second_writer_waits_then_fails_clearly(tmp_path, zoo_and_new):
     from sharecompress.errors import ZooError
-    from sharecompress.storage import WriterLock
+    from sharecompress.store.storage import WriterLock
 
     zoo_dir, source = zoo_and_new
     with WriterLock(zoo_dir):

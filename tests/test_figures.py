@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import sharecompress
 from sharecompress.cli import app
-from sharecompress.figures import MAX_LABELLED_BARS, PLOT_PIXELS, report_image
+from sharecompress.report.figures import MAX_LABELLED_BARS, PLOT_PIXELS, report_image
 
 from factories import random_factors, write_peft_adapter
 
@@ -103,7 +103,7 @@ def test_html_without_matplotlib_keeps_the_tables(zoo, tmp_path, monkeypatch):
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp(zoo, tmp_path, monkeypatch):
-    import sharecompress.figures as figures
+    import sharecompress.report.figures as figures
 
     def full_disk(path, data):
         path.write_bytes(data[:10])

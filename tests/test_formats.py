@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import sharecompress
-from sharecompress import formats
+from sharecompress.io import formats
 from sharecompress.cli import app
-from sharecompress.readers import find_adapters
+from sharecompress.io.readers import find_adapters
 
 from factories import write_diffusers_dir, write_kohya_file, write_peft_adapter
 
@@ -465,7 +465,7 @@ def test_export_never_leaves_half_a_file(tmp_path, monkeypatch):
     def boom(*a, **kw):
         raise OSError("disk full")
 
-    monkeypatch.setattr("sharecompress.export.save_tensors", boom)
+    monkeypatch.setattr("sharecompress.ops.export.save_tensors", boom)
     with pytest.raises(OSError):
         zoo.export("k", target, force=True)
     assert target.read_bytes() == before

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from sharecompress.cli import app
 from sharecompress.errors import InputError
-from sharecompress.hub import parse_hub_id, resolve_hub_source
+from sharecompress.io.hub import parse_hub_id, resolve_hub_source
 
 from factories import random_factors, write_peft_adapter
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sharecompress import linalg
-from sharecompress.compress import KRule, compress_module, pad_stack
+from sharecompress.core import linalg
+from sharecompress.core.compress import KRule, compress_module, pad_stack
 
 from factories import dense_delta, planted_basis, random_factors
 

@@ -116,7 +116,7 @@ def test_rectangular_modules_get_a_k_per_side_and_stay_lossless(tmp_path):
     module = zoo.report()["modules"][PREFIX + "layers.0.up_proj"]
     assert (module["k_u"], module["k_v"]) == (6, 9)
     assert zoo.report()["relative_error"] < 1e-6
-    from sharecompress.verify import verify
+    from sharecompress.store.verify import verify
 
     assert verify(tmp_path / "zoo")[0] == []
 

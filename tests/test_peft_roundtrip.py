@@ -16,7 +16,7 @@ from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 import sharecompress  # noqa: E402
-from sharecompress.readers import find_adapters  # noqa: E402
+from sharecompress.io.readers import find_adapters  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"
 SOURCES = sorted(str(p) for p in SAMPLES.iterdir() if (p / "adapter_config.json").is_file())

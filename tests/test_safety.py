@@ -27,8 +27,8 @@ import sharecompress
 from sharecompress import Zoo
 from sharecompress.cli import app
 from sharecompress.errors import InputError, ZooChanged, ZooError
-from sharecompress.names import name_problem
-from sharecompress.verify import verify
+from sharecompress.io.names import name_problem
+from sharecompress.store.verify import verify
 
 from factories import PREFIX, random_factors, write_peft_adapter
 
@@ -250,7 +250,7 @@ def _merge_process(paths, zoo_dir, env_extra=None):
 
 
 def test_merge_force_waits_for_the_writer_lock(zoo, tmp_path):
-    from sharecompress.storage import WriterLock
+    from sharecompress.store.storage import WriterLock
 
     new = adapters(tmp_path / "other", 2, seed=20)
     with WriterLock(zoo):
@@ -285,7 +285,7 @@ def test_a_swap_by_renames_killed_half_way_is_restored(zoo, tmp_path):
 
 
 def test_swap_without_exchange_gives_the_same_result(zoo, tmp_path, monkeypatch):
-    from sharecompress import storage
+    from sharecompress.store import storage
 
     monkeypatch.setattr(storage, "_renameat2", lambda *a: False)
     sharecompress.merge(adapters(tmp_path / "other", 2, seed=20), zoo, k=2, force=True)

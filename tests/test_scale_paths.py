@@ -72,7 +72,7 @@ def test_prefetching_reader_sees_every_module_once(tmp_path, monkeypatch):
     """The reader thread loads batch i+1 while i computes: each module's factors read once."""
     import importlib
 
-    merge_module = importlib.import_module("sharecompress.merge")
+    merge_module = importlib.import_module("sharecompress.ops.merge")
     seen = []
     original = merge_module._load
 
@@ -88,8 +88,8 @@ def test_prefetching_reader_sees_every_module_once(tmp_path, monkeypatch):
 @pytest.mark.parametrize("rule", [{"k": 6}, {"energy": 0.9}])
 def test_batched_modules_equal_one_by_one(monkeypatch, rule):
     """G same-shape modules sketched in one batched call give each module's own result."""
-    from sharecompress import linalg
-    from sharecompress.compress import KRule, compress_batch, compress_module
+    from sharecompress.core import linalg
+    from sharecompress.core.compress import KRule, compress_batch, compress_module
 
     from factories import planted_basis as planted, random_factors as factors_of
 
@@ -117,12 +117,12 @@ def test_batched_modules_equal_one_by_one(monkeypatch, rule):
 def test_batches_group_by_shape_adapters_and_rank_within_budget(tmp_path):
     import importlib
 
-    merge_module = importlib.import_module("sharecompress.merge")
+    merge_module = importlib.import_module("sharecompress.ops.merge")
     mods = {"a.q": (20, 18), "a.v": (20, 18), "b.q": (20, 18), "b.o": (18, 20), "c.q": (20, 18)}
     srcs = [write_peft_adapter(tmp_path / f"s{i}", random_factors(mods, 3, seed=i)) for i in range(2)]
     wider = {"c.q": (20, 18)}
     srcs.append(write_peft_adapter(tmp_path / "s2", random_factors(wider, 3, seed=9)))
-    from sharecompress.readers import find_adapters
+    from sharecompress.io.readers import find_adapters
 
     adapters = find_adapters([str(s) for s in srcs])
     shapes = merge_module.module_shapes(adapters)
@@ -137,14 +137,14 @@ def test_batches_group_by_shape_adapters_and_rank_within_budget(tmp_path):
 def test_shards_split_along_batches_and_still_equal_the_plain_merge(tmp_path, monkeypatch, count):
     import importlib
 
-    merge_module = importlib.import_module("sharecompress.merge")
+    merge_module = importlib.import_module("sharecompress.ops.merge")
     monkeypatch.setattr(merge_module, "BATCH_BYTES", 1)  # one module per batch: six to share out
     srcs = sources(tmp_path)
     plain = sharecompress.merge(srcs, tmp_path / "plain", k=3)
     parts = [sharecompress.merge(srcs, tmp_path / f"p{i}", k=3, shard=(i, count)) for i in range(1, count + 1)]
     assert all(len(p.modules) for p in parts) and sum(len(p.modules) for p in parts) == len(plain.modules)
-    from sharecompress.combine import combine
+    from sharecompress.ops.combine import combine
 
-    joined = combine([p.path for p in parts], tmp_path / "joined")
+    joined = Zoo.open(combine([p.path for p in parts], tmp_path / "joined"))
     assert tensors_of(joined) == tensors_of(plain)
     assert joined.report() == plain.report()

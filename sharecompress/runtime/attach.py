@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ZooError
-from ..formats import zoo_module_layouts
+from ..io.formats import zoo_module_layouts
 from .bank import CoreBank
 from .heads import HeadSwitch
 from .layers import WRAPPERS, flat_shape
@@ -22,13 +22,13 @@ from .matching import ModelIndex, split_extra
 from .routing import Routing
 
 if TYPE_CHECKING:
-    from ..zoo import Zoo
+    from ..store.reader import ZooReader
 
 
 class Runtime:
     """A zoo attached to a model. ``use`` picks adapters; ``memory`` and ``detach`` as documented."""
 
-    def __init__(self, zoo: "Zoo", model: nn.Module, device: str | torch.device | None = None,
+    def __init__(self, zoo: "ZooReader", model: nn.Module, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None) -> None:
         self.model = model
         self._device, self._dtype = device, dtype

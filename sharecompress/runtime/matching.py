@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ZooError
-from ..formats import PEFT_PREFIX, canonical
+from ..io.formats import PEFT_PREFIX, canonical
 
 # What PEFT puts between a module and its saved modules_to_save parameters.
 _SAVED = (".modules_to_save.default.", ".modules_to_save.")

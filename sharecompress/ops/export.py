@@ -23,11 +23,12 @@ from typing import Callable
 
 import torch
 
-from . import formats
-from .confined import Dir
-from .errors import StorageError, ZooError
-from .storage import hidden_name, publish_directory, remove_tree, safe_name, save_tensors, write_json
-from .zoo import Zoo, refuse_partial
+from ..io import formats
+from ..io.confined import Dir
+from ..errors import StorageError, ZooError
+from ..store.storage import hidden_name, publish_directory, remove_tree, safe_name, save_tensors, write_json
+from ..store.manifest import refuse_partial
+from ..store.reader import ZooReader
 
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -56,7 +57,7 @@ def alpha_tensor(r: int, dtype: torch.dtype) -> torch.Tensor:
     return value if float(value) == r else torch.tensor(float(r), dtype=torch.float32)
 
 
-def adapter_tensors(zoo: Zoo, name: str, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], int]:
+def adapter_tensors(zoo: ZooReader, name: str, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], int]:
     """Tensors of one adapter under its own keys (LoRA factors rebuilt, alphas = r, extras verbatim) and its r."""
     entry = zoo.adapter(name)
     bases, cores = zoo.bases(), zoo.cores(name)
@@ -145,7 +146,7 @@ class _Staged:
 
 
 def export_adapters(
-    zoo: Zoo, jobs: list[tuple[str, str | os.PathLike]], dtype: str = "float32", force: bool = False,
+    zoo: ZooReader, jobs: list[tuple[str, str | os.PathLike]], dtype: str = "float32", force: bool = False,
     done: Callable[[str, Path], None] | None = None,
 ) -> list[Path]:
     """Export each (adapter name, target): every target checked before any is written, every
@@ -178,7 +179,7 @@ def export_adapters(
     return [out for _, out in jobs]
 
 
-def _stage_all(zoo: Zoo, jobs: list[tuple[str, Path]], dtype: torch.dtype) -> list[_Staged]:
+def _stage_all(zoo: ZooReader, jobs: list[tuple[str, Path]], dtype: torch.dtype) -> list[_Staged]:
     staged: list[_Staged] = []
     try:
         for name, out in jobs:
@@ -190,7 +191,7 @@ def _stage_all(zoo: Zoo, jobs: list[tuple[str, Path]], dtype: torch.dtype) -> li
     return staged
 
 
-def _stage(zoo: Zoo, entry: dict, out: Path, dtype: torch.dtype) -> _Staged:
+def _stage(zoo: ZooReader, entry: dict, out: Path, dtype: torch.dtype) -> _Staged:
     tensors, r = adapter_tensors(zoo, entry["name"], dtype)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -239,6 +240,6 @@ def _discard(item: _Staged) -> None:
     item.parent.close()
 
 
-def export(zoo: Zoo, name: str, out: str | os.PathLike, dtype: str = "float32", force: bool = False) -> Path:
+def export(zoo: ZooReader, name: str, out: str | os.PathLike, dtype: str = "float32", force: bool = False) -> Path:
     """Write adapter ``name`` at ``out`` in its own layout (whole, or not at all); returns ``out``."""
     return export_adapters(zoo, [(name, out)], dtype=dtype, force=force)[0]

@@ -14,19 +14,18 @@ from typing import Callable, Iterable
 
 import torch
 
-from . import linalg
-from .adapter import Adapter
-from .compress import KRule, module_bases, pad_stack, project_all
-from .errors import InputError
-from .merge import (
-    STORE_DTYPES, _adapter_entry, _model_key, finish_adapter_entry, now, refresh_module_stats, source_keys,
-    unique_stem, write_adapter_files,
-)
-from .formats import zoo_module_layouts
-from .readers import find_adapters
-from .storage import pause_point, save_tensors
-from .transaction import Transaction
-from .zoo import Zoo
+from ..core import linalg
+from ..io.adapter import Adapter
+from ..core.compress import KRule, module_bases, pad_stack, project_all
+from ..errors import InputError
+from ..store.reader import ZooReader
+from ..store.writer import unique_stem, write_adapter_files
+from .entries import adapter_entry, finish_adapter_entry, model_key, now, refresh_module_stats, source_keys
+from .merge import STORE_DTYPES
+from ..io.formats import zoo_module_layouts
+from ..io.readers import find_adapters
+from ..store.storage import pause_point, save_tensors
+from ..store.transaction import Transaction
 
 f64 = torch.float64
 
@@ -78,7 +77,7 @@ def check_new(manifest: dict, adapters: list[Adapter]) -> None:
         if adapter.sha256 in digests:
             raise InputError(adapter.source, f"its tensors are already in the zoo as {digests[adapter.sha256]!r}")
         other = adapter.config.get("base_model_name_or_path")
-        if base and other and _model_key(other) != _model_key(base):
+        if base and other and model_key(other) != model_key(base):
             raise InputError(adapter.source, f"base model {other!r} differs from the zoo's {base!r}")
         for name, spec in adapter.modules.items():
             known = manifest["modules"].get(name)
@@ -147,13 +146,13 @@ def add(
     if grow not in ("auto", "off"):
         raise ValueError("grow must be auto or off")
     zoo_path = Path(zoo_path)
-    opened = Zoo.open(zoo_path)  # not a zoo → clear error before reading any source
+    opened = ZooReader(zoo_path)  # not a zoo → clear error before reading any source
     known = zoo_module_layouts(opened.manifest)
     adapters = find_adapters(list(sources), rank=rank, alpha=alpha, layout=layout, known=known)
     with Transaction(zoo_path) as tx:
         manifest = copy.deepcopy(tx.manifest)
         check_new(manifest, adapters)
-        zoo = Zoo(zoo_path)
+        zoo = ZooReader(zoo_path)
         store = STORE_DTYPES[manifest["dtype"]]
         bases = zoo.bases()
         cores = {e["name"]: zoo.cores(e["name"]) for e in manifest["adapters"]}
@@ -162,7 +161,7 @@ def add(
         steps = sum(len(a.modules) for a in adapters)
         done_steps = 0
         for adapter in adapters:
-            entry = _adapter_entry(adapter)
+            entry = adapter_entry(adapter)
             new_cores: dict[str, tuple] = {}
             for module, spec in adapter.modules.items():
                 b, a = adapter.factors(module)

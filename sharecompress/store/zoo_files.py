@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 import stat
 
-from .confined import Dir
-from .errors import ZooError
+from ..io.confined import Dir
+from ..errors import ZooError
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"

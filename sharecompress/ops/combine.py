@@ -11,18 +11,21 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from .errors import ZooError
-from .merge import check_target, write_zoo_files
-from .storage import staged_directory, write_json
-from .zoo import MANIFEST, Zoo, replaceable_zoo
+from ..errors import ZooError
+from ..store.manifest import MANIFEST, replaceable_zoo
+from ..store.reader import ZooReader
+from ..store.storage import staged_directory, write_json
+from ..store.writer import write_zoo_files
+from .entries import finish_adapter_entry, now
+from .merge import check_target
 
 _SAME = ("method", "k_rule", "sweeps", "p", "dtype", "base_model")
 
 
-def combine(parts: Iterable[str | os.PathLike], zoo: str | os.PathLike, force: bool = False) -> Zoo:
+def combine(parts: Iterable[str | os.PathLike], zoo: str | os.PathLike, force: bool = False) -> Path:
     target = Path(zoo)
     check_target(target, force)
-    opened = [Zoo.open(p) for p in parts]
+    opened = [ZooReader(p) for p in parts]
     if not opened:
         raise ValueError("name the partial zoos to combine")
     first = opened[0]
@@ -43,7 +46,7 @@ def combine(parts: Iterable[str | os.PathLike], zoo: str | os.PathLike, force: b
 
     basis, modules, cores = {}, {}, {name: {} for name in names}
     entries = {e["name"]: copy.deepcopy(e) for e in first.adapters}
-    extras_from: dict[str, Zoo] = {}
+    extras_from: dict[str, ZooReader] = {}
     for part in opened:
         for module, (U, V) in part.bases().items():
             basis[f"{module}.U"], basis[f"{module}.V"] = U, V
@@ -61,11 +64,13 @@ def combine(parts: Iterable[str | os.PathLike], zoo: str | os.PathLike, force: b
         entry["modules"] = dict(sorted(entry["modules"].items()))
         for key in ("file", "file_sha256", "extras_file", "extras_sha256"):
             entry.pop(key, None)
+        finish_adapter_entry(entry)  # its modules now come from every part
     extras = {name: (lambda n=name: extras_from[n].extras(n) if n in extras_from else {}) for name in names}
 
     with staged_directory(target, replaceable_zoo if force else None, lock=True) as staging:
         manifest = write_zoo_files(names, basis, modules, cores, entries, extras, staging)
         manifest.update({key: first.manifest.get(key) for key in _SAME})
         manifest["combined_from"] = count
+        manifest["created"] = manifest["updated"] = now()
         write_json(staging, MANIFEST, manifest)
-    return Zoo.open(target)
+    return target

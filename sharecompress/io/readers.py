@@ -11,22 +11,19 @@ from __future__ import annotations
 import glob
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
+from ..errors import InputError, ShareError
 from . import formats, jsonio
 from .adapter import Adapter, LoraModule
 from .confined import read_regular
-from .errors import InputError, ShareError
+from .formats import PEFT_CONFIG, PEFT_WEIGHTS, PICKLE_SUFFIXES
+from .hub import HubSnapshot, resolve_hub_source
 from .names import name_problem
 from .safetensors_file import SafetensorsFile
 
-if TYPE_CHECKING:
-    from .hub import HubSnapshot
-
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
-PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 # Files a shell glob such as `adapters/*` sweeps up that are plainly not adapters.
 IGNORED_SUFFIXES = frozenset({".md", ".txt", ".json", ".yaml", ".yml", ".png", ".jpg", ".html", ".csv"})
 
@@ -66,9 +63,7 @@ def find_adapters(
     seen: dict[str, Adapter] = {}
     for path, kind in _expand(sources):
         if kind == "hub":
-            from .hub import read_hub_adapter  # hub imports this module
-
-            adapter = read_hub_adapter(path, layout)
+            adapter = replace(read_peft_dir(path.path, layout), name=path.name, source=path.source)
         else:
             adapter = read_peft_dir(path, layout) if kind == "dir" else read_bare_file(path, rank, alpha, layout)
         problem = name_problem(adapter.name)
@@ -88,8 +83,6 @@ def find_adapters(
 
 def _expand(sources: Iterable[str]) -> list[tuple[Path | HubSnapshot, str]]:
     """(path, kind) per adapter; a Hub id comes as (HubSnapshot, "hub"). Local paths win over ids."""
-    from .hub import resolve_hub_source  # hub imports this module
-
     found: list[tuple[Path | HubSnapshot, str]] = []
     for source in sources:
         path = Path(source)

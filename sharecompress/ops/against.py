@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Iterable
 
 
-from . import linalg
-from .errors import InputError
-from .formats import zoo_module_layouts
-from .readers import find_adapters
-from .zoo import Zoo
+from ..core import linalg
+from ..errors import InputError
+from ..io.formats import zoo_module_layouts
+from ..io.readers import find_adapters
+from ..store.reader import ZooReader
 
 
-def measure_against(zoo: Zoo, sources: Iterable[str]) -> dict[str, dict[str, tuple[float, float]]]:
+def measure_against(zoo: ZooReader, sources: Iterable[str]) -> dict[str, dict[str, tuple[float, float]]]:
     """{adapter: {module: (err², ‖ΔW‖²)}} for each source adapter that the zoo holds (by name).
 
     Sources the zoo does not hold are passed over, so a directory of originals can be given.

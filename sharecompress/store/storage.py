@@ -25,9 +25,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from .confined import Dir, iter_chunks, os_problem
-from .errors import StorageError, ZooError
-from .safetensors_file import encode
+from ..io.confined import Dir, iter_chunks, os_problem
+from ..errors import StorageError, ZooError
+from ..io.safetensors_file import encode
 from .zoo_files import LOCK
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")

@@ -12,16 +12,16 @@ import math
 import re
 from typing import Any
 
-from .errors import ZooError
-from .formats import LAYOUTS
-from .names import name_problem
+from ..errors import ZooError
+from ..io.formats import LAYOUTS
+from ..io.names import name_problem
 from .zoo_files import is_data_path
 
 MAX_DIM = 1 << 31
 MAX_KEY_CHARS = 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 STORE_DTYPES = ("float32", "float16", "bfloat16")
-METHODS = ("share", "paper")
+from ..core import METHODS
 
 
 class _Bad(Exception):

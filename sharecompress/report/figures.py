@@ -19,9 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import ShareError
+from ..errors import ShareError
 from .report import human_bytes
-from .storage import staged_file, write_bytes_durably
+from ..store.storage import staged_file, write_bytes_durably
 
 PLOT_INCHES = (12.0, 11.0)
 PLOT_DPI = 100

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from .adapter import Adapter
+from ..errors import InputError, ShareError
 from .confined import read_regular
-from .errors import InputError, ShareError
-from .readers import PEFT_CONFIG, PEFT_WEIGHTS, PICKLE_SUFFIXES, read_peft_dir
+from .formats import PEFT_CONFIG, PEFT_WEIGHTS, PICKLE_SUFFIXES
 
 # Hub rules: owner and name of letters, digits, "-", "_", "." (no "--" or "..", not starting or
 # ending with "-" or "."); a revision is a branch, tag (possibly with "/") or commit hash.
@@ -115,11 +114,6 @@ def _confine(source: str, snapshot: HubSnapshot, repo_dir: Path) -> None:
         target = (snapshot.path / file).resolve()
         if os.path.lexists(snapshot.path / file) and inside not in target.parents:
             raise InputError(source, f"{file} in the cached snapshot points outside the cache ({target}): refused")
-
-
-def read_hub_adapter(snapshot: HubSnapshot, layout: str = "auto") -> Adapter:
-    """Read the snapshot as a PEFT directory, named and sourced by its Hub id."""
-    return replace(read_peft_dir(snapshot.path, layout), name=snapshot.name, source=snapshot.source)
 
 
 def _cached_snapshot(source: str, repo_id: str, revision: str | None, cache: Path) -> Path:

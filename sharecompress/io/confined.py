@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import StorageError, ZooError
+from ..errors import StorageError, ZooError
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

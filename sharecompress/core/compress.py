@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from . import linalg
-from .schema import METHODS  # one list, also checked on every manifest read
+from . import METHODS  # noqa: F401  (re-exported: merge and the CLI read it here)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .merge import module_bound2, relative
-from .zoo import side_ks
+from ..ops.entries import module_bound2, relative
+from ..store.manifest import side_ks
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 

@@ -6,9 +6,9 @@ import copy
 from pathlib import Path
 from typing import Iterable
 
-from .errors import ZooError
-from .merge import now, refresh_module_stats
-from .transaction import Transaction
+from ..errors import ZooError
+from .entries import now, refresh_module_stats
+from ..store.transaction import Transaction
 
 
 def remove(zoo_path: str | Path, names: Iterable[str]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,15 +9,15 @@ from typing import Callable, Iterable
 
 import torch
 
-from . import __version__
-from .adapter import Adapter, LoraModule
-from .compress import METHODS, KRule, ModuleResult, compress_batch
-from .errors import InputError, ZooError
-from .readers import find_adapters
-from .confined import Dir
-from .names import printable
-from .storage import safe_name, save_tensors, staged_directory, write_json
-from .zoo import DEFAULT_ZOO, FORMAT, FORMAT_VERSION, MANIFEST, Zoo, replaceable_zoo
+from ..core.compress import METHODS, KRule, ModuleResult, compress_batch
+from ..errors import InputError, ZooError
+from ..io.adapter import Adapter
+from ..io.confined import Dir
+from ..io.readers import find_adapters
+from ..store.manifest import DEFAULT_ZOO, MANIFEST, replaceable_zoo
+from ..store.storage import staged_directory, write_json
+from ..store.writer import write_zoo_files
+from .entries import adapter_entry, finish_adapter_entry, model_key, now, source_keys
 
 DEFAULT_ENERGY = 0.99
 DEFAULT_SWEEPS = 3
@@ -26,10 +25,6 @@ STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 _SOURCE_DTYPE = {"F32": "float32", "F64": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 Progress = Callable[[int, int, str], None]
-
-
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def storage_dtype(adapters: list[Adapter], requested: str) -> str:
@@ -54,15 +49,11 @@ def base_model_of(adapters: list[Adapter]) -> str | None:
             continue
         if found is None:
             found = (name, adapter)
-        elif _model_key(name) != _model_key(found[0]):
+        elif model_key(name) != model_key(found[0]):
             raise InputError(
                 adapter.source, f"base model {name!r} differs from {found[0]!r} of {found[1].source}"
             )
     return found[0] if found else None
-
-
-def _model_key(name: str) -> str:
-    return name.rstrip("/").split("/")[-1]
 
 
 def module_shapes(adapters: list[Adapter]) -> dict[str, tuple[int, int]]:
@@ -86,7 +77,7 @@ def module_shapes(adapters: list[Adapter]) -> dict[str, tuple[int, int]]:
 def check_target(target: Path, force: bool) -> None:
     """Refuse early (before any compute) a target that exists without ``force``, or that is not a zoo."""
     if not os.path.lexists(target):
-        from .storage import restore_interrupted_swap
+        from ..store.storage import restore_interrupted_swap
 
         if not restore_interrupted_swap(target):
             return
@@ -112,8 +103,8 @@ def merge(
     shard: tuple[int, int] | None = None,
     progress: Progress | None = None,
     layout: str = "auto",
-) -> Zoo:
-    """Compress the adapters named by ``sources`` into a new zoo at ``zoo``.
+) -> Path:
+    """Compress the adapters named by ``sources`` into a new zoo at ``zoo``; returns its path.
 
     Everything is validated and computed into a hidden temporary directory beside the target,
     which is renamed into place only when complete: on any error nothing is left behind.
@@ -167,7 +158,7 @@ def merge(
             dtype=store_name,
         )
         write_json(staging, MANIFEST, manifest)
-    return Zoo.open(target)
+    return target
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -215,7 +206,7 @@ def _load(holders_of: dict[str, list[Adapter]], modules: list[str]) -> list[list
 def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: Dir, progress, device, with_extras=True) -> dict:
     """Compute every batch of modules (reading the next while this one computes), then write the files."""
     cores: dict[str, dict[str, torch.Tensor]] = {a.name: {} for a in adapters}
-    entries = {a.name: _adapter_entry(a, hashed=False) for a in adapters}
+    entries = {a.name: adapter_entry(a, hashed=False) for a in adapters}
     basis: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
     order = list(shapes.items())
@@ -252,7 +243,11 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
     if not with_extras:
         for entry in entries.values():
             entry["extras"], entry["bytes_extras"] = [], 0
-    return write_zoo_files([a.name for a in adapters], basis, modules, cores, entries, extras, staging)
+    for entry in entries.values():
+        finish_adapter_entry(entry)
+    manifest = write_zoo_files([a.name for a in adapters], basis, modules, cores, entries, extras, staging)
+    manifest["created"] = manifest["updated"] = now()
+    return manifest
 
 
 def _collect(module, n, d, holders, result, basis, modules, cores, entries) -> None:
@@ -272,124 +267,6 @@ def _collect(module, n, d, holders, result, basis, modules, cores, entries) -> N
             "drift": 0.0,
             **source_keys(spec),
         }
-
-
-def source_keys(spec: LoraModule) -> dict:
-    """The adapter's own tensor names and shapes for one module: what export writes back."""
-    keys = {"a_key": spec.a_key, "b_key": spec.b_key, "a_shape": list(spec.a_shape), "b_shape": list(spec.b_shape)}
-    if spec.alpha_key is not None:
-        keys["alpha_key"] = spec.alpha_key
-    return keys
-
-
-def write_zoo_files(names, basis, modules, cores, entries, extras, staging: Dir) -> dict:
-    """Basis and per-adapter files into ``staging``; returns the manifest naming them.
-
-    ``extras`` maps a name to a loader of that adapter's non-LoRA tensors (read only now, one
-    adapter at a time, so heads never pile up in memory).
-    """
-    basis_sha = save_tensors(staging, "basis.safetensors", basis, {"format": "pt", "sharecompress": "basis"})
-    used: set[str] = set()
-    with staging.sub("adapters", create=True) as folder:
-        for name in names:
-            entry = entries[name]
-            entry.update(write_adapter_files(folder, unique_stem(name, used), cores[name], extras[name]()))
-            finish_adapter_entry(entry)
-        folder.fsync()
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "tool_version": __version__,
-        "generation": 1,
-        "created": now(),
-        "updated": now(),
-        "basis_file": "basis.safetensors",
-        "basis_sha256": basis_sha,
-        "modules": modules,
-        "adapters": [entries[name] for name in names],
-    }
-
-
-def unique_stem(name: str, used: set[str]) -> str:
-    """A file stem for ``name`` that no other adapter of the zoo has (compared case-blind)."""
-    stem = safe_name(name)
-    while stem.lower() in used:
-        stem += "_"
-    used.add(stem.lower())
-    return stem
-
-
-def write_adapter_files(folder: Dir, stem: str, cores: dict, extras: dict, generation: int = 1) -> dict:
-    """An adapter's cores file in ``folder`` (the zoo's ``adapters/``) and, when it has non-LoRA
-    tensors, its extras file; returns the manifest fields naming them, relative to the zoo.
-
-    Extras (classifier heads, biases) live in a file of their own: they never change, so an
-    ``add`` that re-projects every core rewrites only the small cores files.
-    """
-    tag = "" if generation == 1 else f".g{generation}"
-    entry = {"file": f"adapters/{stem}{tag}.safetensors"}
-    entry["file_sha256"] = save_tensors(folder, f"{stem}{tag}.safetensors", cores, {"format": "pt", "sharecompress": "coefficients"})
-    if extras:
-        entry["extras_file"] = f"adapters/{stem}.extras{tag}.safetensors"
-        entry["extras_sha256"] = save_tensors(folder, f"{stem}.extras{tag}.safetensors", extras, {"format": "pt", "sharecompress": "extras"})
-    return entry
-
-
-def _adapter_entry(adapter: Adapter, hashed: bool = True) -> dict:
-    return {
-        "name": adapter.name,
-        "source": printable(adapter.source),
-        "sha256": adapter.sha256 if hashed else None,  # else filled in once hashed
-        "rank": adapter.rank,
-        "bytes_original": adapter.lora_bytes,
-        "source_dtype": sorted({m.dtype for m in adapter.modules.values()}),
-        "config": adapter.config,
-        "layout": adapter.layout,
-        "extras": list(adapter.extras),
-        "bytes_extras": sum(adapter.file.tensors[k].nbytes for k in adapter.extras),
-        "added": now(),
-        "modules": {},
-    }
-
-
-def finish_adapter_entry(entry: dict) -> None:
-    """Fill an adapter's summary figures from its per-module errors and drifts.
-
-    ``err2`` is exact when measured (at merge, or for the adapter an add brought in); each
-    later add moves the stored reconstruction by an exactly known ``drift`` (absolute norm,
-    summed over adds). By the triangle inequality the error is at most sqrt(err2) + drift.
-    """
-    mods = entry["modules"].values()
-    norm2 = sum(m["norm2"] for m in mods)
-    entry["p"] = max((m["p"] for m in mods), default=0)
-    entry["norm2"] = norm2
-    entry["merge_error"] = relative(sum(m["err2"] for m in mods), norm2)
-    entry["drift"] = relative(sum(m.get("drift", 0.0) ** 2 for m in mods), norm2)
-    entry["relative_error"] = relative(sum(module_bound2(m) for m in mods), norm2)
-    entry["error_bound"] = entry["relative_error"]
-    entry["exact"] = all(m.get("drift", 0.0) == 0.0 for m in mods)
-
-
-def refresh_module_stats(manifest: dict) -> None:
-    """Each module's adapter count, total energy and energy kept, from its adapters' entries."""
-    for module, info in manifest["modules"].items():
-        holders = [e["modules"][module] for e in manifest["adapters"] if module in e["modules"]]
-        total = sum(m["norm2"] for m in holders)
-        info["adapters"] = len(holders)
-        info["energy_total"] = total
-        info["energy_kept"] = 1.0 - sum(module_bound2(m) for m in holders) / total if total > 0 else 1.0
-
-
-def module_bound2(module: dict) -> float:
-    """Squared upper bound on a module's error: (sqrt(err²) + accumulated drift)²."""
-    return (module["err2"] ** 0.5 + module.get("drift", 0.0)) ** 2
-
-
-def relative(err2: float, norm2: float) -> float:
-    """sqrt(err² / norm²); an all-zero update reconstructed exactly has error 0."""
-    if norm2 <= 0.0:
-        return 0.0 if err2 <= 1e-30 else float("inf")
-    return (err2 / norm2) ** 0.5
 
 
 def _module_entry(result: ModuleResult, n: int, d: int) -> dict:

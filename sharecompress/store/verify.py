@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from .confined import Dir
-from .errors import ShareError
-from .safetensors_file import SafetensorsFile
+from ..io.confined import Dir
+from ..errors import ShareError
+from ..io.safetensors_file import SafetensorsFile
 from .transaction import referenced_files
-from .zoo import read_checked, read_manifest, side_ks
+from .manifest import read_checked, read_manifest, side_ks
 from .zoo_files import foreign_entries, scheme_leftovers
 
 

@@ -22,7 +22,7 @@ import torch
 
 from . import jsonio
 from .confined import open_regular
-from .errors import InputError, StorageError
+from ..errors import InputError, StorageError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .confined import Dir, open_relative
+from ..io.confined import Dir, open_relative
 from .storage import WriterLock, json_bytes, pause_point
-from .zoo import MANIFEST, read_manifest, read_manifest_digest, refuse_partial
+from .manifest import MANIFEST, read_manifest, read_manifest_digest, refuse_partial
 from .zoo_files import ADAPTERS, scheme_leftovers
 
 _MANIFEST_TMP = f"{MANIFEST}.tmp"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 from .safetensors_file import SafetensorsFile
 
 

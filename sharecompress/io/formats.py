@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
-from .errors import InputError
+from ..errors import InputError
 from .jsonio import JSONProblem, loads
 
 if TYPE_CHECKING:
@@ -43,6 +43,9 @@ DIFFUSERS_COMPONENTS = frozenset(
     {"unet", "transformer", "prior", "text_encoder", "text_encoder_2", "text_encoder_3"}
 )
 PEFT_PREFIX = "base_model.model."
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 
 
 @dataclass(frozen=True)

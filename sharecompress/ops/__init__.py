@@ -1,0 +1,1 @@
+"""Operations on zoos: merge, add, remove, combine, export, and exact errors against originals."""

@@ -1,0 +1,1 @@
+"""What a zoo kept and lost: the report tables and JSON, and its figures (PNG, HTML)."""

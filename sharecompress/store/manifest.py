@@ -1,0 +1,155 @@
+"""The manifest and the checked reading of zoo files (DESIGN.md §6).
+
+A zoo is a manifest, one basis file and one coefficient file per adapter; every file the
+manifest names carries its sha256 there. Reading goes through ``read_checked``: the file is read
+once, no link followed, its size bounded by what the manifest says it holds, its checksum
+verified before a tensor is parsed. Writers go through ``storage`` and ``transaction``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, StorageError, ZooError
+from ..io import jsonio
+from ..io.confined import Dir, open_relative
+from ..io.safetensors_file import SafetensorsFile
+from .schema import check_manifest
+from .zoo_files import LOCK, MANIFEST, foreign_entries
+
+FORMAT = "sharecompress-zoo"
+FORMAT_VERSION = 1
+DEFAULT_ZOO = "share_zoo"
+MAX_MANIFEST_BYTES = 64 << 20  # ~1,000 adapters x 200 modules; JSON of that size parses in well under 2 GB
+_HEADER_ALLOWANCE = 64 << 10
+_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def side_ks(module: dict) -> tuple[int, int]:
+    """(k of U, k of V) of a manifest module entry (equal unless the module is rectangular)."""
+    return module.get("k_u", module["k"]), module.get("k_v", module["k"])
+
+
+def read_manifest(path: Path, root: Dir | None = None) -> dict[str, Any]:
+    """The manifest of the zoo at ``path`` (or in the open directory ``root``), fully validated."""
+    return read_manifest_digest(path, root)[0]
+
+
+def read_manifest_digest(path: Path, root: Dir | None = None) -> tuple[dict[str, Any], str]:
+    """(manifest, sha256 of its bytes): the digest tells a reader whether a writer published since."""
+    path = Path(path)
+    if root is None:
+        if not os.path.lexists(path):
+            from .storage import restore_interrupted_swap
+
+            if not restore_interrupted_swap(path):
+                raise ZooError(path, "no such zoo directory")
+        if not path.is_dir():
+            raise ZooError(path, "not a zoo: not a directory")
+        with Dir.open(path) as opened:
+            return read_manifest_digest(path, opened)
+    mpath = path / MANIFEST
+    info = root.lstat(MANIFEST)
+    if info is None:
+        raise ZooError(path, f"not a zoo: no {MANIFEST}")
+    raw = root.read(MANIFEST, MAX_MANIFEST_BYTES)
+    try:
+        manifest = jsonio.loads(raw, allow_infinity=True)
+    except jsonio.JSONProblem as exc:
+        raise ZooError(mpath, f"corrupt manifest: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ZooError(mpath, "not a sharecompress manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ZooError(mpath, "corrupt manifest: no format_version")
+    if version > FORMAT_VERSION:
+        raise ZooError(
+            mpath, f"zoo format version {version} is newer than this sharecompress reads ({FORMAT_VERSION}): upgrade"
+        )
+    for key, kind in (("modules", dict), ("adapters", list), ("basis_file", str)):
+        if not isinstance(manifest.get(key), kind):
+            raise ZooError(mpath, f"corrupt manifest: {key!r} missing or of the wrong type")
+    check_manifest(manifest, mpath)
+    return manifest, hashlib.sha256(raw).hexdigest()
+
+
+def refuse_partial(path: Path, manifest: dict) -> None:
+    """Writers and export need a whole zoo, not one part of a sharded merge."""
+    shard = manifest.get("shard")
+    if shard:
+        raise ZooError(path, f"a partial zoo (shard {shard['index']}/{shard['count']}): join the parts with `sharecompress combine` first")
+
+
+def replaceable_zoo(target: Path) -> None:
+    """Accept ``target`` for ``--force`` replacement only when it is an empty directory, or a zoo
+    (a valid manifest) holding nothing but the files the tool writes; refuse anything else."""
+    if os.path.islink(target):
+        raise ZooError(target, "is a symbolic link; refusing to replace it")
+    if not os.path.isdir(target):
+        raise ZooError(target, "exists and is not a directory; refusing to replace it")
+    with Dir.open(target, follow=False) as root:
+        if not [n for n in root.names() if n != LOCK]:  # empty (the lock is ours, taken to replace it)
+            return
+        if root.lstat(MANIFEST) is None:
+            raise ZooError(target, "exists and is not a sharecompress zoo (no manifest.json); refusing to replace it")
+        try:
+            read_manifest(target, root)
+        except ZooError as exc:
+            raise ZooError(target, f"exists and is not a sharecompress zoo ({exc.problem}); refusing to replace it") from None
+        foreign = foreign_entries(root)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ZooError(target, f"holds files that are not the zoo's ({shown}); refusing to replace it")
+
+
+def expected_bytes(manifest: dict, relative: str) -> int:
+    """The most bytes the file ``relative`` can have if it holds what the manifest says (a read cap)."""
+    item = _ITEM_BYTES[manifest.get("dtype", "float32")]
+    modules = manifest["modules"]
+    if relative == manifest["basis_file"]:
+        shapes = [(info["shape"][0] * side_ks(info)[0] + info["shape"][1] * side_ks(info)[1], len(m) + 2)
+                  for m, info in modules.items()]
+        return _HEADER_ALLOWANCE + sum(elems * item + 2 * (key + 160) for elems, key in shapes)
+    for entry in manifest["adapters"]:
+        if entry.get("extras_file") == relative:
+            return _HEADER_ALLOWANCE + entry.get("bytes_extras", 0) + sum(len(k) + 160 for k in entry.get("extras", []))
+        if entry.get("file") == relative:
+            total = _HEADER_ALLOWANCE
+            for m, mod in entry["modules"].items():
+                ku, kv = side_ks(modules[m])
+                total += (ku + kv) * mod["p"] * item + 2 * (len(m) + 162)
+            return total
+    raise ZooError(relative, "is not named by the manifest")
+
+
+def read_checked(path: Path, manifest: dict, relative: str, digest: str, root: Dir | None = None) -> SafetensorsFile:
+    """Zoo file ``relative``, read once into memory, its sha256 checked before any tensor is parsed.
+
+    Links are refused at every step (``confined``); a file larger than the manifest allows is
+    refused before it is read. ZooError names the file and what is wrong.
+    """
+    full = path / relative
+    opened = root if root is not None else Dir.open(path)
+    try:
+        where, leaf = open_relative(opened, relative)
+        try:
+            data = where.read(leaf, expected_bytes(manifest, relative))
+        finally:
+            if where is not opened:
+                where.close()
+    except StorageError as exc:
+        raise ZooError(full, f"{exc.problem} (named in the manifest)") from None
+    finally:
+        if root is None:
+            opened.close()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ZooError(full, "checksum differs from the manifest: the file is corrupt or was changed (run `sharecompress verify`)")
+    try:
+        return SafetensorsFile.from_bytes(full, data)
+    except InputError as exc:
+        raise ZooError(exc.path, exc.problem) from None
+
+
