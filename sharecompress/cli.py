@@ -36,9 +36,7 @@ ZooOption = typer.Option(DEFAULT_ZOO, "--zoo", help="Zoo directory.")
 def fail(message: str, code: int = 2) -> "typer.Exit":
     # escaped: paths and hints hold brackets ("sharecompress[plot]", "run[1]/") that rich would eat as markup,
     # and a hostile file name's newlines or terminal codes must not split the line or reach the terminal
-    from .io.names import visible
-
-    err.print(f"[red]error:[/] {escape(visible(message))}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/] {shown(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -76,8 +74,16 @@ def module_progress(enabled: bool, label: str):
         yield update
 
 
+def shown(value: object) -> str:
+    """Any text from a zoo or the user (paths, names, sources), safe to print through rich: markup
+    escaped, control characters written as escapes."""
+    from .io.names import visible
+
+    return escape(visible(str(value)))
+
+
 def say_waiting(line: str) -> None:
-    err.print(escape(line), highlight=False)
+    err.print(shown(line), highlight=False)
 
 
 def version_callback(value: bool) -> None:
@@ -127,7 +133,7 @@ def merge(
         )
     if not quiet and "shard" not in result.manifest:
         render(result.report(), err)
-        err.print(f"wrote zoo [bold]{zoo}[/] ({len(result.adapters)} adapters, {len(result.modules)} modules)")
+        err.print(f"wrote zoo [bold]{shown(zoo)}[/] ({len(result.adapters)} adapters, {len(result.modules)} modules)")
 
 
 def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -151,7 +157,7 @@ def combine(
 
     with user_errors():
         result = Zoo.open(run_combine(parts, zoo, force=force))
-    err.print(f"wrote zoo [bold]{zoo}[/] from {len(parts)} parts ({len(result.modules)} modules)")
+    err.print(f"wrote zoo [bold]{shown(zoo)}[/] from {len(parts)} parts ({len(result.modules)} modules)")
 
 
 @app.command()
@@ -173,8 +179,8 @@ def add(
     if not quiet:
         worst = max(drift.items(), key=lambda kv: kv[1], default=None)
         err.print(
-            f"zoo [bold]{zoo}[/] now holds {len(opened.adapters)} adapters"
-            + (f"; largest drift of an old adapter {worst[1]:.3g} ({worst[0]})" if worst else ""),
+            f"zoo [bold]{shown(zoo)}[/] now holds {len(opened.adapters)} adapters"
+            + (f"; largest drift of an old adapter {worst[1]:.3g} ({shown(worst[0])})" if worst else ""),
             highlight=False,
         )
 
@@ -203,11 +209,11 @@ def report(
     else:
         render(data, out, max_error)
     for line in written:
-        err.print(escape(line), highlight=False)
+        err.print(shown(line), highlight=False)
     if max_error is not None:
         over = [a["name"] for a in data["adapters"] if a["relative_error"] > max_error]
         if over:
-            err.print(escape(f"{len(over)} adapter(s) above --max-error {max_error:g}: {', '.join(over)}"), highlight=False)
+            err.print(shown(f"{len(over)} adapter(s) above --max-error {max_error:g}: {', '.join(over)}"), highlight=False)
             raise typer.Exit(1)
 
 
@@ -232,9 +238,11 @@ def export(
         for name in chosen:
             opened.adapter(name)  # every name checked before anything is written
         jobs = [(name, out / name if (all_ or len(chosen) > 1) else out) for name in chosen]
+        if all_:  # every adapter of the generation the export reads, even if a writer publishes meanwhile
+            jobs = lambda z: [(name, out / name) for name in z.names]  # noqa: E731
         export_adapters(
             opened, jobs, dtype=dtype, force=force,
-            done=lambda name, target: err.print(escape(f"exported {name} → {target}"), highlight=False),
+            done=lambda name, target: err.print(shown(f"exported {name} → {target}"), highlight=False),
         )
 
 
@@ -248,7 +256,7 @@ def remove(
 
     with user_errors():
         Zoo.open(zoo).remove(*names)
-    err.print(f"removed {', '.join(names)}", highlight=False)
+    err.print(shown(f"removed {', '.join(names)}"), highlight=False)
 
 
 @app.command("list")
@@ -268,11 +276,11 @@ def list_(zoo: Path = ZooOption, as_json: bool = typer.Option(False, "--json", h
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
         return
-    table = Table(title=f"{zoo}: {len(rows)} adapters", title_justify="left")
+    table = Table(title=f"{shown(zoo)}: {len(rows)} adapters", title_justify="left")
     for col in ("name", "rank", "p", "error bound", "added", "source"):
         table.add_column(col)
     for r in rows:
-        table.add_row(escape(r["name"]), str(r["rank"]), str(r["p"]), f"{r['error_bound']:.4g}", str(r["added"]), escape(str(r["source"])))
+        table.add_row(*(shown(x) for x in (r["name"], r["rank"], r["p"], f"{r['error_bound']:.4g}", r["added"], r["source"])))
     out.print(table)
 
 
@@ -285,12 +293,12 @@ def verify(zoo: Path = ZooOption) -> None:
         raise fail(f"{zoo}: no such zoo directory")
     problems, notes = run_verify(zoo)
     for note in notes:
-        err.print(f"note: {note}", highlight=False)
+        err.print(f"note: {shown(note)}", highlight=False)
     for problem in problems:
-        err.print(f"[red]problem:[/] {problem}", highlight=False)
+        err.print(f"[red]problem:[/] {shown(problem)}", highlight=False)
     if problems:
         raise typer.Exit(1)
-    err.print(f"{zoo}: ok", highlight=False)
+    err.print(f"{shown(zoo)}: ok", highlight=False)
 
 
 def run() -> None:  # console-script entry point

@@ -41,9 +41,11 @@ class Zoo(ZooReader):
         """Fold new adapters in; returns each old adapter's relative drift."""
         from .ops.add import add
 
-        drift = add(self.path, sources, grow=grow, **kw)
-        self.reload()
-        return drift
+        self.manifest, self._bases = None, None  # not held while add holds its own copy (a big zoo's manifest is big)
+        try:
+            return add(self.path, sources, grow=grow, **kw)
+        finally:
+            self.reload()
 
     def export(self, name: str, out: str | Path, dtype: str = "float32", force: bool = False) -> Path:
         from .ops.export import export
@@ -53,8 +55,11 @@ class Zoo(ZooReader):
     def remove(self, *names: str) -> None:
         from .ops.remove import remove
 
-        remove(self.path, names)
-        self.reload()
+        self.manifest, self._bases = None, None
+        try:
+            remove(self.path, names)
+        finally:
+            self.reload()
 
     def attach(self, model, device=None, dtype=None):
         """Serve this zoo from memory inside ``model`` (patched in place); see ``runtime.Runtime``."""

@@ -108,6 +108,8 @@ def _check_ref(source: str, cache: Path, repo_id: str, revision: str | None) -> 
 def _confine(source: str, snapshot: HubSnapshot, repo_dir: Path) -> None:
     """The snapshot and the files it links to must lie inside the repo's own cache folder."""
     inside = repo_dir.resolve()
+    if repo_dir.is_symlink() or inside.parent != repo_dir.parent.resolve():
+        raise InputError(source, f"the cache folder {repo_dir} is a link out of the cache: refused")
     if not _COMMIT.fullmatch(snapshot.commit) or snapshot.path.resolve().parent != inside / "snapshots":
         raise InputError(source, f"the cached snapshot {snapshot.path} is not a commit folder of {repo_dir}: refused")
     for file in (PEFT_CONFIG, PEFT_WEIGHTS):

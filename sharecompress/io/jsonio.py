@@ -42,6 +42,12 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > 19 or not -(1 << 63) <= int(text) < (1 << 63):
+        raise JSONProblem(f"integer {text[:40]} is beyond 64 bits")
+    return int(text)
+
+
 def _float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
@@ -67,7 +73,8 @@ def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH, allow_infinity: bool
 
     try:
         text = raw.decode("utf-8")
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=constant, parse_float=_float)
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=constant, parse_float=_float,
+                           parse_int=_int)
     except UnicodeDecodeError:
         raise JSONProblem("not UTF-8 text") from None
     except json.JSONDecodeError as exc:

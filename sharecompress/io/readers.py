@@ -11,6 +11,11 @@ from __future__ import annotations
 import glob
 import math
 import re
+
+try:  # the regex parser the re module itself uses (its name changed in Python 3.11)
+    import re._parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
@@ -210,13 +215,89 @@ def check_config(config: dict, path: object, what: str = "adapter config") -> di
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key) is not None and not isinstance(config[key], dict):
             raise InputError(path, f"{what} has an invalid {key}: not an object")
+        if len(config.get(key) or {}) > MAX_PATTERNS:
+            raise InputError(path, f"{what} has {len(config[key])} {key} keys (at most {MAX_PATTERNS})")
+        for pattern, value in (config.get(key) or {}).items():
+            problem = pattern_problem(pattern)
+            if problem:
+                raise InputError(path, f"{what}: {key} key {pattern[:80]!r} {problem}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or (key == "rank_pattern" and (value != int(value) or value <= 0)):
+                raise InputError(path, f"{what}: {key}[{pattern[:80]!r}] is {value!r}, not a {'rank' if key == 'rank_pattern' else 'finite alpha'}")
     return config
 
 
+_REPEATS = {name for name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")}
+MAX_PATTERNS = 256
+MAX_MODULE_CHARS = 1000
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why a rank/alpha_pattern key (a regex, as PEFT reads it) is refused, or None.
+
+    Refused: what does not compile, back-references, and a repeated group that itself repeats
+    or branches (``(a+)+``, ``(a|a)*``): the shapes whose matching time explodes on a crafted
+    module name. The patterns PEFT writes (module names, ``layers.0.*q_proj``) pass.
+    """
+    if len(pattern) > 1000:
+        return "is longer than 1000 characters"
+    try:
+        re.compile(pattern)
+        parsed = _sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        return f"is not a valid regular expression ({exc})"
+
+    unbounded = [0]
+
+    def walk(items, inside_repeat: bool) -> str | None:
+        for op, arg in items:
+            name = str(op)
+            if name in ("GROUPREF", "GROUPREF_EXISTS"):
+                return "uses a back-reference"
+            if name in _REPEATS:
+                low, high, body = arg
+                if inside_repeat and high != 0:
+                    return "repeats a group that repeats (catastrophic backtracking)"
+                if high == _sre_parse.MAXREPEAT:
+                    unbounded[0] += 1
+                    if unbounded[0] > 1:
+                        return "has more than one unbounded repeat (*, +): its matching time grows too fast"
+                found = walk(body, inside_repeat or high > 1)
+                if found:
+                    return found
+            elif name == "BRANCH":
+                if inside_repeat:
+                    return "repeats a choice of branches (catastrophic backtracking)"
+                for branch in arg[1]:
+                    found = walk(branch, inside_repeat)
+                    if found:
+                        return found
+            elif name == "SUBPATTERN":
+                found = walk(arg[-1], inside_repeat)
+                if found:
+                    return found
+            elif name in ("ASSERT", "ASSERT_NOT"):
+                found = walk(arg[1], inside_repeat)
+                if found:
+                    return found
+            elif name == "ATOMIC_GROUP":
+                found = walk(arg, inside_repeat)
+                if found:
+                    return found
+        return None
+
+    return walk(parsed, False)
+
+
 def _pattern_value(patterns: dict | None, module: str, default: object) -> object:
-    """PEFT's rule: the first pattern key that matches the end of the module name."""
+    """PEFT's rule, ``re.match(rf"(.*\.)?({key})$", module)``: the first key that matches the whole
+    name or a part of it after a dot. Tried on each such part with ``fullmatch``, which means the
+    same without the leading ``(.*\.)?`` and its backtracking."""
+    parts = module.split(".")
+    suffixes = [".".join(parts[i:]) for i in range(len(parts))]
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        compiled = re.compile(key)
+        if any(compiled.fullmatch(s) for s in suffixes):
             return value
     return default
 
@@ -262,6 +343,8 @@ def parse_adapter(
     extras = [key for key in extras if key not in alphas]
     modules: dict[str, LoraModule] = {}
     for module, sides in sorted(pairs.items()):
+        if len(module) > MAX_MODULE_CHARS:
+            raise InputError(file.path, f"module name {module[:60]!r}… is {len(module)} characters long (at most {MAX_MODULE_CHARS})")
         for side, other in ((0, 1), (1, 0)):
             if "AB"[side] not in sides:
                 raise InputError(file.path, f"module {module!r} has {names[other]} but no {names[side]}")

@@ -157,12 +157,12 @@ class SafetensorsFile:
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in DTYPES:
             raise self._fail(f"tensor {name!r} has unsupported dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
             raise self._fail(f"tensor {name!r} has an invalid shape {shape!r}")
         if not (
             isinstance(offsets, list)
             and len(offsets) == 2
-            and all(isinstance(o, int) for o in offsets)
+            and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1]
         ):
             raise self._fail(f"tensor {name!r} has invalid data_offsets {offsets!r}")

@@ -8,7 +8,6 @@ its cost depends on k, r and the number of stored adapters, never on the origina
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -20,7 +19,7 @@ from ..core.compress import KRule, module_bases, pad_stack, project_all
 from ..errors import InputError
 from ..store.reader import ZooReader
 from ..store.writer import unique_stem, write_adapter_files
-from .entries import adapter_entry, finish_adapter_entry, model_key, now, refresh_module_stats, source_keys
+from .entries import adapter_entry, check_finite, finish_adapter_entry, model_key, now, refresh_module_stats, source_keys
 from .merge import STORE_DTYPES
 from ..io.formats import zoo_module_layouts
 from ..io.readers import find_adapters
@@ -146,13 +145,12 @@ def add(
     if grow not in ("auto", "off"):
         raise ValueError("grow must be auto or off")
     zoo_path = Path(zoo_path)
-    opened = ZooReader(zoo_path)  # not a zoo → clear error before reading any source
-    known = zoo_module_layouts(opened.manifest)
+    known = zoo_module_layouts(ZooReader(zoo_path).manifest)  # not a zoo → clear error before reading any source
     adapters = find_adapters(list(sources), rank=rank, alpha=alpha, layout=layout, known=known)
     with Transaction(zoo_path) as tx:
-        manifest = copy.deepcopy(tx.manifest)
+        manifest = tx.manifest  # edited in place: on failure the transaction publishes nothing
         check_new(manifest, adapters)
-        zoo = ZooReader(zoo_path)
+        zoo = ZooReader.from_manifest(zoo_path, tx.manifest, tx.digest)
         store = STORE_DTYPES[manifest["dtype"]]
         bases = zoo.bases()
         cores = {e["name"]: zoo.cores(e["name"]) for e in manifest["adapters"]}
@@ -177,6 +175,8 @@ def add(
                     U, V, holders, b, a, spec.scale, rule, manifest.get("method", "share"),
                     manifest.get("sweeps", 3), manifest.get("p"), store,
                 )
+                check_finite(adapter.source, module, (U2, V2, new[0], new[1], *(x for pair in moved.values() for x in pair)),
+                             (new[2], new[3], *drifts.values()))
                 bases[module] = (U2, V2)
                 for t, pair in moved.items():
                     cores[t][module] = pair

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import ZooError
-from ..store.manifest import MANIFEST, replaceable_zoo
+from ..store.manifest import MANIFEST, manifest_bytes, replaceable_zoo
 from ..store.reader import ZooReader
-from ..store.storage import staged_directory, write_json
+from ..store.storage import staged_directory
 from ..store.writer import write_zoo_files
 from .entries import finish_adapter_entry, now
 from .merge import check_target
@@ -72,5 +72,5 @@ def combine(parts: Iterable[str | os.PathLike], zoo: str | os.PathLike, force: b
         manifest.update({key: first.manifest.get(key) for key in _SAME})
         manifest["combined_from"] = count
         manifest["created"] = manifest["updated"] = now()
-        write_json(staging, MANIFEST, manifest)
+        staging.write_new(MANIFEST, [manifest_bytes(manifest)])
     return target

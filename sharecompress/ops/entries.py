@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 
 from ..io.adapter import Adapter, LoraModule
+from ..errors import InputError
 from ..io.names import printable
 
 
@@ -78,6 +79,23 @@ def refresh_module_stats(manifest: dict) -> None:
 def module_bound2(module: dict) -> float:
     """Squared upper bound on a module's error: (sqrt(err²) + accumulated drift)²."""
     return (module["err2"] ** 0.5 + module.get("drift", 0.0)) ** 2
+
+
+def check_finite(source: object, module: str, tensors, figures) -> None:
+    """Refuse a result that overflowed: NaN or Inf in stored tensors or in the error figures.
+
+    Float16 storage holds at most 65504, so a legitimate-looking adapter with large values or a
+    large scale can overflow it; nothing non-finite ever reaches a manifest (the schema refuses
+    it on read, which would lock the zoo).
+    """
+    import math
+
+    import torch
+
+    if all(math.isfinite(x) for x in figures) and all(bool(torch.isfinite(t).all()) for t in tensors):
+        return
+    raise InputError(source, f"module {module!r}: its values overflow the zoo's storage type (NaN or Inf); "
+                             "check the adapter, or store the zoo as float32 (--dtype float32)")
 
 
 def relative(err2: float, norm2: float) -> float:

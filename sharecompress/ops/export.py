@@ -25,9 +25,10 @@ import torch
 
 from ..io import formats
 from ..io.confined import Dir
-from ..errors import StorageError, ZooError
+from ..errors import InputError, StorageError, ZooError
+from ..io.safetensors_file import SafetensorsFile
 from ..store.storage import hidden_name, publish_directory, remove_tree, safe_name, save_tensors, write_json
-from ..store.manifest import refuse_partial
+from ..store.manifest import MANIFEST, refuse_partial
 from ..store.reader import ZooReader
 
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -97,7 +98,7 @@ def weights_name(entry: dict) -> str:
     return formats.DIFFUSERS_WEIGHTS if entry.get("layout") == "diffusers" else f"{safe_name(entry['name'])}.safetensors"
 
 
-ALLOWED_IN_PEFT_DIR = frozenset({"adapter_model.safetensors", "adapter_config.json", "README.md"})
+PEFT_FILES = frozenset({"adapter_model.safetensors", "adapter_config.json"})
 
 
 def _is_file_target(entry: dict, out: Path) -> bool:
@@ -106,7 +107,7 @@ def _is_file_target(entry: dict, out: Path) -> bool:
 
 def _own_files(entry: dict) -> frozenset[str]:
     """What an export directory of this adapter holds: all ``--force`` may replace."""
-    return ALLOWED_IN_PEFT_DIR if entry.get("layout", "peft") == "peft" else frozenset({weights_name(entry)})
+    return PEFT_FILES if entry.get("layout", "peft") == "peft" else frozenset({weights_name(entry)})
 
 
 def check_target(zoo_path: Path, entry: dict, out: Path, force: bool) -> None:
@@ -125,6 +126,14 @@ def check_target(zoo_path: Path, entry: dict, out: Path, force: bool) -> None:
     if _is_file_target(entry, out):
         if not stat.S_ISREG(os.lstat(out).st_mode):
             raise ZooError(out, "exists and is not a regular file; refusing to replace it")
+        if any((folder / MANIFEST).exists() for folder in (out.parent, out.parent.parent)):
+            raise ZooError(out, "lies in a sharecompress zoo; refusing to replace it")
+        try:
+            marked = "sharecompress" in SafetensorsFile(out).metadata
+        except InputError:
+            raise ZooError(out, "exists and is not a safetensors file; --force replaces only an exported adapter") from None
+        if marked:
+            raise ZooError(out, "is a file of a sharecompress zoo; refusing to replace it")
         return
     if not os.path.isdir(out):
         raise ZooError(out, "exists and is not a directory; --force replaces only an exported adapter")
@@ -145,23 +154,35 @@ class _Staged:
     is_dir: bool
 
 
+Jobs = list[tuple[str, "str | os.PathLike"]]
+
+
 def export_adapters(
-    zoo: ZooReader, jobs: list[tuple[str, str | os.PathLike]], dtype: str = "float32", force: bool = False,
+    zoo: ZooReader, jobs: Jobs | Callable[[ZooReader], Jobs], dtype: str = "float32", force: bool = False,
     done: Callable[[str, Path], None] | None = None,
 ) -> list[Path]:
     """Export each (adapter name, target): every target checked before any is written, every
-    adapter written (from one generation of the zoo) before any is published."""
+    adapter written (from one generation of the zoo) before any is published.
+
+    ``jobs`` may be a function of the zoo (``export --all``: every adapter the generation holds),
+    asked again when a writer publishes a new generation meanwhile.
+    """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype {dtype}: choose {', '.join(EXPORT_DTYPES)}")
-    refuse_partial(zoo.path, zoo.manifest)
-    jobs = [(name, Path(out)) for name, out in jobs]
-    seen: set[Path] = set()
-    for name, out in jobs:
-        if out in seen:
-            raise ZooError(out, "is the target of two exports")
-        seen.add(out)
-        check_target(zoo.path, zoo.adapter(name), out, force)
-    staged = zoo.consistent(lambda: _stage_all(zoo, jobs, EXPORT_DTYPES[dtype]))
+
+    def plan_and_stage() -> list[_Staged]:
+        refuse_partial(zoo.path, zoo.manifest)
+        planned = [(name, Path(out)) for name, out in (jobs(zoo) if callable(jobs) else jobs)]
+        seen: set[Path] = set()
+        for name, out in planned:
+            if out in seen:
+                raise ZooError(out, "is the target of two exports")
+            seen.add(out)
+            check_target(zoo.path, zoo.adapter(name), out, force)
+        return _stage_all(zoo, planned, EXPORT_DTYPES[dtype])
+
+    staged = zoo.consistent(plan_and_stage)
+    published: list[Path] = []
     try:
         while staged:
             item = staged[0]
@@ -171,12 +192,13 @@ def export_adapters(
             else:
                 _publish_file(item, replace)
             staged.pop(0).parent.close()
+            published.append(item.target)
             if done:
                 done(item.entry["name"], item.target)
     finally:
         for item in staged:  # not published (an error above): leave nothing behind
             _discard(item)
-    return [out for _, out in jobs]
+    return published
 
 
 def _stage_all(zoo: ZooReader, jobs: list[tuple[str, Path]], dtype: torch.dtype) -> list[_Staged]:
@@ -192,6 +214,13 @@ def _stage_all(zoo: ZooReader, jobs: list[tuple[str, Path]], dtype: torch.dtype)
 
 
 def _stage(zoo: ZooReader, entry: dict, out: Path, dtype: torch.dtype) -> _Staged:
+    try:
+        return _stage_files(zoo, entry, out, dtype)
+    except StorageError as exc:  # name the target, not the hidden name it was being written under
+        raise StorageError(out, exc.problem) from None
+
+
+def _stage_files(zoo: ZooReader, entry: dict, out: Path, dtype: torch.dtype) -> _Staged:
     tensors, r = adapter_tensors(zoo, entry["name"], dtype)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

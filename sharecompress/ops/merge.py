@@ -14,10 +14,10 @@ from ..errors import InputError, ZooError
 from ..io.adapter import Adapter
 from ..io.confined import Dir
 from ..io.readers import find_adapters
-from ..store.manifest import DEFAULT_ZOO, MANIFEST, replaceable_zoo
-from ..store.storage import staged_directory, write_json
+from ..store.manifest import DEFAULT_ZOO, MANIFEST, manifest_bytes, replaceable_zoo
+from ..store.storage import staged_directory
 from ..store.writer import write_zoo_files
-from .entries import adapter_entry, finish_adapter_entry, model_key, now, source_keys
+from .entries import adapter_entry, check_finite, finish_adapter_entry, model_key, now, source_keys
 
 DEFAULT_ENERGY = 0.99
 DEFAULT_SWEEPS = 3
@@ -157,7 +157,7 @@ def merge(
             p=p,
             dtype=store_name,
         )
-        write_json(staging, MANIFEST, manifest)
+        staging.write_new(MANIFEST, [manifest_bytes(manifest)])
     return target
 
 
@@ -253,6 +253,9 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
 def _collect(module, n, d, holders, result, basis, modules, cores, entries) -> None:
     """File one module's result into the basis, the cores and the manifest entries."""
     basis[f"{module}.U"], basis[f"{module}.V"] = result.U, result.V
+    for adapter, core in zip(holders, result.cores):
+        check_finite(adapter.source, module, (core.E, core.F), (core.err2, core.norm2))
+    check_finite(holders[0].source if len(holders) == 1 else "the adapters", module, (result.U, result.V), ())
     modules[module] = _module_entry(result, n, d)
     for adapter, core in zip(holders, result.cores):
         cores[adapter.name][f"{module}.E"] = core.E

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Iterable
 
@@ -14,7 +13,7 @@ from ..store.transaction import Transaction
 def remove(zoo_path: str | Path, names: Iterable[str]) -> None:
     names = list(names)
     with Transaction(Path(zoo_path)) as tx:
-        manifest = copy.deepcopy(tx.manifest)
+        manifest = tx.manifest  # edited in place: on failure the transaction publishes nothing
         known = {e["name"] for e in manifest["adapters"]}
         missing = [n for n in names if n not in known]
         if missing:

@@ -94,13 +94,13 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
         err = f"{a['relative_error']:.4g}"
         if max_error is not None and a["relative_error"] > max_error:
             err = f"[bold red]{err}[/]"
-        table.add_row(escape(a["name"]), str(a["rank"]), str(a["p"]), err, f"{a['max_module_error']:.4g}", f"{a['drift']:.3g}")
+        table.add_row(escape(a["name"]), escape(str(a["rank"])), escape(str(a["p"])), err, f"{a['max_module_error']:.4g}", f"{a['drift']:.3g}")
     console.print(table)
     ks = Counter(m["k"] for m in report["modules"].values())
     k_text = ", ".join(f"k={k} ×{n}" for k, n in sorted(ks.items()))
     console.print(
         f"zoo relative error [bold]{report['relative_error']:.4g}[/] (energy kept {report['energy_kept']:.4%}), "
-        f"method {report['method']}, stored as {report['dtype']}"
+        f"method {escape(str(report['method']))}, stored as {escape(str(report['dtype']))}"
     )
     console.print(f"{len(report['modules'])} modules: {k_text}")
     console.print(

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, StorageError, ZooError
+from ..errors import InputError, ShareError, StorageError, ZooError
 from ..io import jsonio
 from ..io.confined import Dir, open_relative
 from ..io.safetensors_file import SafetensorsFile
@@ -76,6 +77,28 @@ def read_manifest_digest(path: Path, root: Dir | None = None) -> tuple[dict[str,
     return manifest, hashlib.sha256(raw).hexdigest()
 
 
+def manifest_bytes(manifest: dict) -> bytes:
+    """The manifest as written, after the same schema check every reader applies: a writer never
+    publishes what no reader would open (a NaN, a generation out of range, …)."""
+    from .storage import json_bytes
+
+    try:
+        check_manifest(manifest, MANIFEST)
+    except ZooError as exc:
+        raise ZooError(exc.path, f"{exc.problem}; nothing was published") from None
+    return json_bytes(manifest)
+
+
+def file_digests(manifest: dict) -> dict[str, str]:
+    """{file the manifest names: its sha256}."""
+    digests = {manifest["basis_file"]: manifest["basis_sha256"]}
+    for entry in manifest["adapters"]:
+        digests[entry["file"]] = entry["file_sha256"]
+        if entry.get("extras_file"):
+            digests[entry["extras_file"]] = entry["extras_sha256"]
+    return digests
+
+
 def refuse_partial(path: Path, manifest: dict) -> None:
     """Writers and export need a whole zoo, not one part of a sharded merge."""
     shard = manifest.get("shard")
@@ -85,20 +108,25 @@ def refuse_partial(path: Path, manifest: dict) -> None:
 
 def replaceable_zoo(target: Path) -> None:
     """Accept ``target`` for ``--force`` replacement only when it is an empty directory, or a zoo
-    (a valid manifest) holding nothing but the files the tool writes; refuse anything else."""
+    (a manifest with the format marker, valid or not) holding nothing but the files the tool
+    writes; refuse anything else."""
     if os.path.islink(target):
         raise ZooError(target, "is a symbolic link; refusing to replace it")
     if not os.path.isdir(target):
         raise ZooError(target, "exists and is not a directory; refusing to replace it")
     with Dir.open(target, follow=False) as root:
-        if not [n for n in root.names() if n != LOCK]:  # empty (the lock is ours, taken to replace it)
+        lock = root.lstat(LOCK)
+        ours = lock is not None and stat.S_ISREG(lock.st_mode) and lock.st_size == 0  # the empty lock a writer makes
+        if not [n for n in root.names() if not (n == LOCK and ours)]:
             return
         if root.lstat(MANIFEST) is None:
             raise ZooError(target, "exists and is not a sharecompress zoo (no manifest.json); refusing to replace it")
-        try:
-            read_manifest(target, root)
-        except ZooError as exc:
-            raise ZooError(target, f"exists and is not a sharecompress zoo ({exc.problem}); refusing to replace it") from None
+        try:  # the format marker is what makes it a zoo: a zoo whose fields are broken may still be replaced
+            marked = jsonio.loads(root.read(MANIFEST, MAX_MANIFEST_BYTES), allow_infinity=True)
+        except (ShareError, jsonio.JSONProblem) as exc:
+            raise ZooError(target, f"exists and is not a sharecompress zoo ({getattr(exc, 'problem', exc)}); refusing to replace it") from None
+        if not isinstance(marked, dict) or marked.get("format") != FORMAT:
+            raise ZooError(target, "exists and is not a sharecompress zoo (its manifest.json is not one); refusing to replace it")
         foreign = foreign_entries(root)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")

@@ -25,6 +25,13 @@ class ZooReader:
         self.path = Path(path)
         self.reload()
 
+    @classmethod
+    def from_manifest(cls, path: str | Path, manifest: dict, digest: str) -> "ZooReader":
+        """A reader of a manifest already read (a writer's, under its lock): no second parse or copy."""
+        reader = cls.__new__(cls)
+        reader.path, reader.manifest, reader._digest, reader._bases = Path(path), manifest, digest, None
+        return reader
+
     def reload(self) -> None:
         """Read the manifest again (after a writer published a new generation)."""
         self.manifest, self._digest = read_manifest_digest(self.path)

@@ -18,6 +18,7 @@ from ..io.names import name_problem
 from .zoo_files import is_data_path
 
 MAX_DIM = 1 << 31
+MAX_GENERATION = 1 << 40  # a writer adds one; far from anything JSON or the file names could not hold
 MAX_KEY_CHARS = 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 STORE_DTYPES = ("float32", "float16", "bfloat16")
@@ -96,7 +97,10 @@ def check_manifest(manifest: dict, where: object) -> None:
 
 
 def _check(m: dict) -> None:
-    _int(m.get("generation", 1), "generation", 1)
+    _int(m.get("generation"), "generation", 1, MAX_GENERATION)
+    for key in ("created", "updated", "tool_version"):
+        if m.get(key) is not None:
+            _str(m[key], key, 64)
     if not is_data_path(m["basis_file"]) or m["basis_file"].startswith("adapters/"):
         raise _Bad("basis_file", f"must be a basis file name of this zoo (basis[.gN].safetensors), got {_show(m['basis_file'])}")
     _sha(m.get("basis_sha256"), "basis_sha256")
@@ -133,13 +137,14 @@ def _check_module(name: str, info: Any) -> None:
         raise _Bad(field, "a module name must not be empty")
     _obj(info, field)
     n, d = _shape(info.get("shape"), f"{field}.shape", 2)
-    ku, kv = info.get("k_u", info.get("k")), info.get("k_v", info.get("k"))
-    _int(ku, f"{field}.k_u", 0, n)
-    _int(kv, f"{field}.k_v", 0, d)
-    _int(info.get("k", max(ku, kv)), f"{field}.k", 0, max(n, d))
+    ku = _int(info.get("k_u"), f"{field}.k_u", 0, n)
+    kv = _int(info.get("k_v"), f"{field}.k_v", 0, d)
+    if _int(info.get("k"), f"{field}.k", 0, max(n, d)) != max(ku, kv):
+        raise _Bad(f"{field}.k", f"must be max(k_u, k_v) = {max(ku, kv)}, got {info['k']}")
+    _int(info.get("adapters", 0), f"{field}.adapters", 0, 1 << 40)
+    _int(info.get("sweeps", 0), f"{field}.sweeps", 0, 1 << 20)
     for key in ("energy_total", "energy_kept"):
-        if key in info:
-            _num(info[key], f"{field}.{key}", None)
+        _num(info.get(key), f"{field}.{key}", None)
     curve = _obj(info.get("energy_curve", []), f"{field}.energy_curve", list)
     for j, value in enumerate(curve):
         _num(value, f"{field}.energy_curve[{j}]", None)
@@ -165,11 +170,16 @@ def _check_adapter(i: int, entry: dict, modules: dict, names: set[str], files: s
             raise _Bad(f"{field}.{key}", f"{rel!r} is named twice in the manifest")
         files.add(rel)
         _sha(entry.get(sha_key), f"{field}.{sha_key}")
-    _int(entry.get("rank", 1), f"{field}.rank", 1)
+    _int(entry.get("rank"), f"{field}.rank", 1)
+    _int(entry.get("bytes_original"), f"{field}.bytes_original", 0, 1 << 50)
     _choice(entry.get("layout", "peft"), f"{field}.layout", LAYOUTS)
-    for key in ("source", "sha256"):
-        if entry.get(key) is not None:
-            _str(entry[key], f"{field}.{key}", 8192)
+    for key in ("source", "sha256", "added"):
+        _str(entry.get(key), f"{field}.{key}", 8192)
+    if not isinstance(entry.get("exact"), bool):
+        raise _Bad(f"{field}.exact", f"must be true or false, got {_show(entry.get('exact'))}")
+    dtypes = _obj(entry.get("source_dtype", []), f"{field}.source_dtype", list)
+    for j, value in enumerate(dtypes):
+        _str(value, f"{field}.source_dtype[{j}]", 16)
     if entry.get("config") is not None:
         _obj(entry["config"], f"{field}.config")
     extras = _obj(entry.get("extras", []), f"{field}.extras", list)
@@ -179,28 +189,36 @@ def _check_adapter(i: int, entry: dict, modules: dict, names: set[str], files: s
         raise _Bad(f"{field}.extras", "lists tensors but the adapter has no extras_file")
     _int(entry.get("bytes_extras", 0), f"{field}.bytes_extras", 0, 1 << 50)
     for key in ("relative_error", "error_bound", "merge_error", "drift"):
-        if key in entry:
-            _num(entry[key], f"{field}.{key}", 0.0, finite=False)
+        _num(entry.get(key), f"{field}.{key}", 0.0, finite=False)
+    _num(entry.get("norm2"), f"{field}.norm2", 0.0)
+    ps = [0]
     for module, mod in _obj(entry.get("modules"), f"{field}.modules").items():
-        _check_adapter_module(f"{field}.modules[{module!r}]", module, _obj(mod, f"{field}.modules[{module!r}]"), modules)
+        ps.append(_check_adapter_module(f"{field}.modules[{module!r}]", module, _obj(mod, f"{field}.modules[{module!r}]"), modules))
+    if _int(entry.get("p"), f"{field}.p", 0, MAX_DIM) != max(ps):
+        raise _Bad(f"{field}.p", f"must be the largest p of its modules ({max(ps)}), got {entry['p']}")
 
 
-def _check_adapter_module(field: str, module: str, mod: dict, modules: dict) -> None:
+def _check_adapter_module(field: str, module: str, mod: dict, modules: dict) -> int:
+    """Checks one adapter's entry for one module; returns its p."""
     if module not in modules:
         raise _Bad(field, "is not one of the manifest's modules")
     info = modules[module]
-    ku, kv = info.get("k_u", info.get("k")), info.get("k_v", info.get("k"))
-    _int(mod.get("p"), f"{field}.p", 0, min(ku, kv))
+    ku, kv = info["k_u"], info["k_v"]
+    p = _int(mod.get("p"), f"{field}.p", 0, min(ku, kv))
     _int(mod.get("rank"), f"{field}.rank", 1)
     _num(mod.get("scale"), f"{field}.scale", None)
     for key in ("err2", "norm2", "drift"):
-        _num(mod.get(key, 0.0), f"{field}.{key}", 0.0)
+        _num(mod.get(key), f"{field}.{key}", 0.0)
     for key in ("a_key", "b_key"):
         _str(mod.get(key), f"{field}.{key}")
     if mod.get("alpha_key") is not None:
         _str(mod["alpha_key"], f"{field}.alpha_key")
     a_shape, b_shape = _shape(mod.get("a_shape"), f"{field}.a_shape"), _shape(mod.get("b_shape"), f"{field}.b_shape")
     n, d = info["shape"]
-    flat_in = math.prod(a_shape[1:])
-    if b_shape[0] != n or flat_in != d:
-        raise _Bad(field, f"a_shape {a_shape} and b_shape {b_shape} do not fit the module's shape [{n}, {d}]")
+    fits = (
+        len(a_shape) == len(b_shape) and len(a_shape) in (2, 4) and a_shape[0] == b_shape[1]
+        and b_shape[0] == n and math.prod(b_shape[2:]) == 1 and math.prod(a_shape[1:]) == d
+    )
+    if not fits:
+        raise _Bad(field, f"a_shape {a_shape} and b_shape {b_shape} are not a LoRA pair of the module's shape [{n}, {d}]")
+    return p

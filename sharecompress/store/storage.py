@@ -116,6 +116,10 @@ class WriterLock:
                 if exc.errno == errno.ELOOP:
                     raise ZooError(self.path, "is a symbolic link: links are never followed here; remove it") from None
                 raise StorageError(self.path, os_problem(exc)) from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                root.close()
+                raise ZooError(self.path, "is not a regular file: refused as a lock; remove it")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -202,6 +206,9 @@ def staged_file(target: Path) -> Iterator[Path]:
     except OSError as exc:
         staging.unlink(missing_ok=True)
         raise StorageError(target, os_problem(exc)) from None
+    except StorageError as exc:  # name the target, not the hidden name it was written under
+        staging.unlink(missing_ok=True)
+        raise StorageError(target, exc.problem) from None
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
@@ -311,12 +318,21 @@ def staged_directory(
     with Dir.open(target.parent) as parent:
         remove_stale_staging(parent, target)
         name = hidden_name(target, "tmp")
-        staging = parent.sub(name, create=True)
+        try:
+            staging = parent.sub(name, create=True)
+        except StorageError as exc:
+            raise StorageError(target, exc.problem) from None
         try:
             yield staging
             staging.fsync()
             staging.close()
             publish_directory(parent, name, target, replace, lock)
+        except StorageError as exc:
+            staging.close()
+            remove_tree(parent, name)
+            if exc.path.startswith(str(parent.path / name)):  # name the target, not the hidden staging name
+                raise StorageError(target, exc.problem) from None
+            raise
         except BaseException:
             staging.close()
             remove_tree(parent, name)

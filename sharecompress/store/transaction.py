@@ -12,15 +12,18 @@ only regular files of the zoo's own naming scheme are ever deleted (``zoo_files`
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable
 
+from ..errors import StorageError
 from ..io.confined import Dir, open_relative
-from .storage import WriterLock, json_bytes, pause_point
-from .manifest import MANIFEST, read_manifest, read_manifest_digest, refuse_partial
+from .manifest import MANIFEST, file_digests, manifest_bytes, read_checked, read_manifest, read_manifest_digest, refuse_partial
+from .storage import WriterLock, pause_point
 from .zoo_files import ADAPTERS, scheme_leftovers
 
 _MANIFEST_TMP = f"{MANIFEST}.tmp"
+_TAG = re.compile(r"\.g([0-9]+)\.safetensors$")
 
 
 def referenced_files(manifest: dict) -> set[str]:
@@ -67,17 +70,31 @@ class Transaction:
         except BaseException:
             self._lock.__exit__(None, None, None)
             raise
-        self.generation = int(self.manifest.get("generation", 1)) + 1
+        self.carried = file_digests(self.manifest)  # the files of the generation as it was
+        tags = [int(m[1]) for rel in self.carried if (m := _TAG.search(rel))]
+        self.generation = max([int(self.manifest["generation"]), *tags]) + 1  # never a name already taken
         return self
 
     def commit(self, manifest: dict) -> None:
-        """Publish ``manifest`` atomically; the files it names must already be written."""
+        """Publish ``manifest`` atomically; the files it names must already be written.
+
+        Files carried over from the previous generation (unchanged heads, the basis ``remove``
+        keeps) are read and checked against their checksums first: corrupt or swapped data is
+        refused here rather than handed on to a new generation.
+        """
         pause_point("before-manifest")
+        manifest["generation"] = self.generation
+        data = manifest_bytes(manifest)
+        for rel, digest in file_digests(manifest).items():
+            if rel in self.carried:
+                read_checked(self.zoo, manifest, rel, digest, root=self.root)
         self.adapters.fsync()
         self.root.fsync()
-        manifest["generation"] = self.generation
         self.root.unlink(_MANIFEST_TMP, missing_ok=True)
-        self.root.write_new(_MANIFEST_TMP, [json_bytes(manifest)])
+        try:
+            self.root.write_new(_MANIFEST_TMP, [data])
+        except StorageError as exc:  # name the manifest, not its temporary name
+            raise StorageError(self.zoo / MANIFEST, exc.problem) from None
         self.root.replace(_MANIFEST_TMP, MANIFEST)
         self.root.fsync()
         self.committed = True

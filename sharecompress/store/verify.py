@@ -10,13 +10,32 @@ from ..io.confined import Dir
 from ..errors import ShareError
 from ..io.safetensors_file import SafetensorsFile
 from .transaction import referenced_files
-from .manifest import read_checked, read_manifest, side_ks
+from .manifest import read_checked, read_manifest, read_manifest_digest, side_ks
 from .zoo_files import foreign_entries, scheme_leftovers
 
 
-def verify(path: str | Path) -> tuple[list[str], list[str]]:
-    """(problems, notes). Problems make a zoo unusable; notes (stray files) do not."""
+def verify(path: str | Path, attempts: int = 5) -> tuple[list[str], list[str]]:
+    """(problems, notes). Problems make a zoo unusable; notes (stray files) do not.
+
+    Problems found while a writer published a new generation are not reported: the check starts
+    over on the new one (a file of the old generation is gone, not broken).
+    """
     path = Path(path)
+    for _ in range(attempts - 1):
+        try:
+            before = read_manifest_digest(path)[1]
+        except ShareError as exc:
+            return [str(exc)], []
+        problems, notes = _verify_once(path)
+        try:
+            if not problems or read_manifest_digest(path)[1] == before:
+                return problems, notes
+        except ShareError:
+            pass
+    return _verify_once(path)
+
+
+def _verify_once(path: Path) -> tuple[list[str], list[str]]:
     try:
         manifest = read_manifest(path)
     except ShareError as exc:

@@ -51,8 +51,8 @@ def foreign_entries(root: Dir) -> list[str]:
                     child_info = sub.lstat(child)
                     if child_info is not None and not (stat.S_ISREG(child_info.st_mode) and is_scheme_file(ADAPTERS, child)):
                         foreign.append(f"{ADAPTERS}/{child}")
-        elif not (stat.S_ISREG(info.st_mode) and is_scheme_file("", name)):
-            foreign.append(name)
+        elif not (stat.S_ISREG(info.st_mode) and is_scheme_file("", name)) or (name == LOCK and info.st_size):
+            foreign.append(name)  # (the tool's lock file is always empty)
     return foreign
 
 
