@@ -663,7 +663,7 @@ def test_no_space_during_merge_leaves_nothing(tmp_path, monkeypatch):
     paths = adapters(tmp_path)
     _fail_writes_after(monkeypatch, 3)
     line = refused(cli("merge", *paths, "--zoo", tmp_path / "zoo", "-k", "2"), "No space left on device")
-    assert str(tmp_path) in line
+    assert str(tmp_path / "zoo") in line and ".tmp-" not in line  # the target, not the hidden staging name
     assert not (tmp_path / "zoo").exists() and hidden_leftovers(tmp_path) == []
 
 
@@ -703,3 +703,182 @@ def test_files_follow_the_umask(tmp_path):
     for path in [*(tmp_path / "zoo").rglob("*"), *(tmp_path / "out").rglob("*")]:
         want = 0o755 if path.is_dir() else 0o644
         assert stat.S_IMODE(path.stat().st_mode) == want, path
+
+
+# ---------------------------------------------------------------- found by an adversarial pass (one test each)
+
+
+def test_an_adapter_that_overflows_float16_is_refused_and_the_zoo_stays_usable(tmp_path):
+    paths = [str(write_peft_adapter(tmp_path / f"h{i}", random_factors(MODULES, 2, seed=i), dtype=torch.float16)) for i in range(2)]
+    zoo = tmp_path / "zoo"
+    sharecompress.merge(paths, zoo, k=2)
+    loud = {m: (torch.full((n, 2), 30.0), torch.full((2, d), 30.0)) for m, (n, d) in MODULES.items()}
+    evil = write_peft_adapter(tmp_path / "evil", loud, alpha=2e6, dtype=torch.float16)
+    refused(cli("add", evil, "--zoo", zoo), "overflow", "float32")
+    assert cli("list", "--zoo", zoo).exit_code == 0 and verify(zoo) == ([], [])
+    refused(cli("merge", evil, "--zoo", tmp_path / "z2", "-k", "2"), "overflow")
+    assert not (tmp_path / "z2").exists()
+
+
+def test_a_writer_never_publishes_a_manifest_no_reader_would_open(zoo, tmp_path):
+    from sharecompress.store.schema import MAX_GENERATION
+
+    edit_manifest(zoo, lambda m: m.update(generation=MAX_GENERATION))
+    before = tree_state(zoo)
+    refused(cli("add", tmp_path / "src" / "a3", "--zoo", zoo), "generation", "merge it anew")
+    after = tree_state(zoo)
+    after.pop(".lock", None)
+    assert after == before and cli("list", "--zoo", zoo).exit_code == 0
+
+
+def test_a_marked_zoo_with_a_broken_field_can_still_be_replaced(zoo, tmp_path):
+    edit_manifest(zoo, lambda m: m["adapters"][0].update(rank="x"))
+    refused(cli("list", "--zoo", zoo), "rank")
+    assert cli("merge", tmp_path / "src" / "a3", "--zoo", zoo, "--force", "-k", "2").exit_code == 0
+    assert Zoo.open(zoo).names == ["a3"]
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda m: m["adapters"][0].pop("rank"), "adapters['a0'].rank"),
+    (lambda m: m["adapters"][0].pop("error_bound"), "error_bound"),
+    (lambda m: m["adapters"][0].update(bytes_original="x"), "bytes_original"),
+    (lambda m: m["modules"][Q].pop("k"), f"modules['{Q}'].k"),
+    (lambda m: m["adapters"][0]["modules"][Q].pop("err2"), "err2"),
+    (lambda m: m["adapters"][0].update(p=30_000_000), "adapters['a0'].p"),
+    (lambda m: m["adapters"][0]["modules"][Q].update(b_shape=[12, 2, 5]), "not a LoRA pair"),
+    (lambda m: m["adapters"][0].update(exact="yes"), "exact"),
+])
+def test_every_field_the_tool_reads_is_checked(zoo, tmp_path, change, field):
+    edit_manifest(zoo, change)
+    for args in (("report",), ("list",), ("export", "a0", "--out", tmp_path / "out")):
+        refused(cli(*args, "--zoo", zoo), field)
+
+
+def test_markup_in_stored_text_and_paths_is_printed_as_is(tmp_path):
+    zoo = tmp_path / "m[" / "]z"
+    zoo.parent.mkdir()
+    paths = adapters(tmp_path)
+    result = cli("merge", *paths, "--zoo", zoo, "-k", "2")
+    assert result.exit_code == 0 and f"wrote zoo {zoo}" in result.stderr
+    edit_manifest(zoo, lambda m: m["adapters"][0].update(added="[/]", source="[red]x"))
+    listed = runner.invoke(app, ["list", "--zoo", str(zoo)], terminal_width=400)
+    assert listed.exit_code == 0 and "[/]" in listed.stdout and "[red]x" in listed.stdout
+    assert cli("verify", "--zoo", zoo).stderr.strip() == f"{zoo}: ok"
+
+
+@pytest.mark.parametrize("config,needle", [
+    ('{"peft_type": "LORA", "r": 2, "lora_alpha": 1%s}' % ("0" * 400), "beyond 64 bits"),
+    ('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "rank_pattern": {"(": 2}}', "not a valid regular expression"),
+    ('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "rank_pattern": {"(a+)+$": 2}}', "catastrophic"),
+    ('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "rank_pattern": {"(m)\\\\1": 2}}', "back-reference"),
+    ('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "alpha_pattern": {"m": "big"}}', "not a finite alpha"),
+])
+def test_hostile_patterns_and_numbers_in_configs(tmp_path, config, needle):
+    src = _adapter_with(tmp_path, "cfg", {A_KEY: torch.ones(2, 3), B_KEY: torch.ones(4, 2)})
+    (src / "adapter_config.json").write_text(config)
+    start = time.monotonic()
+    refused(cli("merge", src, "--zoo", tmp_path / "zoo", "-k", "2"), needle)
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("key", ["q_proj", "layers.0.q_proj", "0.q_proj", "(q|v)_proj", "layers\\.[0-9]+\\.q_proj", "proj", ".*q_proj"])
+def test_pattern_matching_is_pefts_rule(key):
+    """PEFT's ``re.match(rf"(.*\\.)?({key})$", module)``, computed on the parts after each dot."""
+    import re
+
+    from sharecompress.io.readers import _pattern_value
+
+    for module in ("model.layers.0.q_proj", "model.layers.10.v_proj", "q_proj", "layers.0.q_proj_extra"):
+        want = bool(re.match(rf"(.*\.)?({key})$", module))
+        assert (_pattern_value({key: 1}, module, 0) == 1) == want, (key, module)
+
+
+def test_boolean_dimensions_are_refused(tmp_path):
+    header = {A_KEY: {"dtype": "F32", "shape": [True, 3], "data_offsets": [0, 12]},
+              B_KEY: {"dtype": "F32", "shape": [4, 1], "data_offsets": [12, 28]}}
+    path = tmp_path / "bool.safetensors"
+    path.write_bytes(_raw_safetensors(header, b"\0" * 28))
+    refused(cli("merge", path, "--zoo", tmp_path / "zoo", "--alpha", "4"), "invalid shape")
+
+
+def test_carried_files_are_checked_before_a_new_generation_names_them(tmp_path):
+    heads = {f"{PREFIX}classifier.weight": torch.randn(2, 12)}
+    paths = [str(write_peft_adapter(tmp_path / f"h{i}", random_factors(MODULES, 2, seed=i), extras=heads)) for i in range(3)]
+    zoo = tmp_path / "zoo"
+    sharecompress.merge(paths[:2], zoo, k=2)
+    flip_byte(zoo / Zoo.open(zoo).adapter("h0")["extras_file"])
+    refused(cli("add", paths[2], "--zoo", zoo), "checksum differs")  # add rewrites cores, carries heads
+    refused(cli("remove", "h1", "--zoo", zoo), "checksum differs")  # remove carries everything
+    assert Zoo.open(zoo).manifest["generation"] == 1
+
+
+def test_remove_refuses_a_linked_basis(zoo, tmp_path):
+    shutil.copy(zoo / "basis.safetensors", tmp_path / "copy.safetensors")
+    (zoo / "basis.safetensors").unlink()
+    (zoo / "basis.safetensors").symlink_to(tmp_path / "copy.safetensors")
+    refused(cli("remove", "a0", "--zoo", zoo), "symbolic link")
+
+
+def test_export_force_never_replaces_a_file_of_any_zoo(tmp_path):
+    from factories import write_kohya_file
+
+    kohya = write_kohya_file(tmp_path / "k.safetensors", {"lora_unet_a": (torch.randn(12, 2), torch.randn(2, 10))})
+    sharecompress.merge([str(kohya)], tmp_path / "zk", k=2)
+    other = sharecompress.merge(adapters(tmp_path), tmp_path / "other", k=2)
+    before = tree_state(other.path)
+    refused(cli("export", "k", "--zoo", tmp_path / "zk", "--out", other.path / "basis.safetensors", "--force"), "zoo")
+    moved = tmp_path / "elsewhere.safetensors"
+    shutil.copy(other.path / "basis.safetensors", moved)  # a zoo's file outside its zoo: its header says what it is
+    refused(cli("export", "k", "--zoo", tmp_path / "zk", "--out", moved, "--force"), "is a file of a sharecompress zoo")
+    assert tree_state(other.path) == before
+    (tmp_path / "readme").mkdir()
+    (tmp_path / "readme" / "README.md").write_text("mine")
+    refused(cli("export", "a0", "--zoo", other.path, "--out", tmp_path / "readme", "--force"), "README.md")
+
+
+def test_export_all_takes_the_names_of_the_generation_it_reads(zoo, tmp_path):
+    from sharecompress.ops.export import export_adapters
+
+    stale = Zoo.open(zoo)
+    Zoo.open(zoo).remove("a1")
+    out = tmp_path / "out"
+    export_adapters(stale, lambda z: [(name, out / name) for name in z.names])
+    assert sorted(p.name for p in out.iterdir()) == ["a0", "a2"]
+
+
+def test_a_hub_repo_folder_linked_out_of_the_cache_is_refused(tmp_path, monkeypatch):
+    repo, _ = _hub_cache(tmp_path, monkeypatch)
+    outside = tmp_path / "moved-repo"
+    repo.rename(outside)
+    repo.symlink_to(outside, target_is_directory=True)
+    refused(cli("merge", "owner/adapter", "--zoo", tmp_path / "zoo", "-k", "2"), "link out of the cache")
+
+
+def test_a_users_lock_file_or_a_fifo_lock_is_not_the_zoos(tmp_path):
+    paths = adapters(tmp_path)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / ".lock").write_text("my notes")
+    refused(cli("merge", *paths, "--zoo", folder, "--force", "-k", "2"), "not a sharecompress zoo")
+    assert (folder / ".lock").read_text() == "my notes"
+    zoo = tmp_path / "zoo"
+    sharecompress.merge(paths, zoo, k=2)
+    (zoo / ".lock").unlink(missing_ok=True)
+    os.mkfifo(zoo / ".lock")
+    refused(cli("remove", "a0", "--zoo", zoo), "not a regular file")
+
+
+def test_the_next_generation_is_above_every_tag_the_manifest_names(zoo, tmp_path):
+    Zoo.open(zoo).add([tmp_path / "src" / "a3"])  # generation 2: files tagged .g2
+    edit_manifest(zoo, lambda m: m.update(generation=1))  # a manifest that under-counts
+    Zoo.open(zoo).remove("a3")
+    assert Zoo.open(zoo).manifest["generation"] == 3 and verify(zoo)[0] == []
+
+
+def test_manifest_bytes_refuses_what_the_schema_refuses(zoo):
+    from sharecompress.store.manifest import manifest_bytes, read_manifest
+
+    manifest = read_manifest(zoo)
+    manifest["adapters"][0]["modules"][Q]["err2"] = float("nan")
+    with pytest.raises(ZooError, match="err2.*nothing was published"):
+        manifest_bytes(manifest)

@@ -18,7 +18,7 @@ from ..io.names import name_problem
 from .zoo_files import is_data_path
 
 MAX_DIM = 1 << 31
-MAX_GENERATION = 1 << 40  # a writer adds one; far from anything JSON or the file names could not hold
+MAX_GENERATION = 10**12 - 1  # the file names' .g<N> tags have at most 12 digits
 MAX_KEY_CHARS = 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 STORE_DTYPES = ("float32", "float16", "bfloat16")

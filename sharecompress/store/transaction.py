@@ -16,9 +16,10 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from ..errors import StorageError
+from ..errors import StorageError, ZooError
 from ..io.confined import Dir, open_relative
 from .manifest import MANIFEST, file_digests, manifest_bytes, read_checked, read_manifest, read_manifest_digest, refuse_partial
+from .schema import MAX_GENERATION
 from .storage import WriterLock, pause_point
 from .zoo_files import ADAPTERS, scheme_leftovers
 
@@ -73,6 +74,9 @@ class Transaction:
         self.carried = file_digests(self.manifest)  # the files of the generation as it was
         tags = [int(m[1]) for rel in self.carried if (m := _TAG.search(rel))]
         self.generation = max([int(self.manifest["generation"]), *tags]) + 1  # never a name already taken
+        if self.generation > MAX_GENERATION:
+            self.__exit__(None, None, None)
+            raise ZooError(self.zoo, f"generation {self.generation - 1} is the last a zoo can have: merge it anew")
         return self
 
     def commit(self, manifest: dict) -> None:

@@ -16,7 +16,7 @@ from ..errors import ZooError
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 ADAPTERS = "adapters"
-_GEN = r"(?:\.g[1-9][0-9]{0,9})?"
+_GEN = r"(?:\.g[1-9][0-9]{0,11})?"  # generations up to schema.MAX_GENERATION
 BASIS = re.compile(rf"basis{_GEN}\.safetensors")
 ADAPTER_FILE = re.compile(rf"[A-Za-z0-9_-]{{1,240}}(?:\.extras)?{_GEN}\.safetensors")
 MANIFEST_TMP = re.compile(r"manifest\.json\.tmp(?:-[0-9a-f]{1,32})?")
