@@ -131,13 +131,16 @@ class Runtime:
         return self._slot[name]
 
     def memory(self) -> dict[str, int]:
-        """Bytes held: the bases, every adapter's cores, every adapter's saved modules (heads)."""
+        """Bytes held: the bases, every adapter's cores, every adapter's saved modules (heads), and
+        ``folded_bytes``: the one adapter a whole batch uses, folded into its own rank-p factors
+        (p·(n + d) per module, rebuilt after each ``use`` of a single name, none for mixed batches)."""
         basis = sum(b.basis_bytes() for b in self.banks)
         cores = sum(b.core_bytes() for b in self.banks)
         extras = sum(h.extra_bytes() for h in self.heads)
         count = len(self.names)
         return {"basis_bytes": basis, "cores_bytes": cores, "extras_bytes": extras,
-                "per_adapter_bytes": (cores + extras) // count if count else 0, "adapters": count}
+                "per_adapter_bytes": (cores + extras) // count if count else 0, "adapters": count,
+                "folded_bytes": sum(b.folded_bytes() for b in self.banks)}
 
     def detach(self) -> None:
         """Put every original module back: the model is the very one given to ``attach``."""

@@ -45,12 +45,19 @@ class CoreBank(nn.Module):
         self.register_buffer("_position", position.to(device), persistent=False)
         self._plan: tuple[int, list] | None = None
         self._active: tuple[int, bool] | None = None
+        self._folded: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def stacks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(getattr(self, f"E{i}"), getattr(self, f"F{i}")) for i in range(len(self.widths))]
 
     def core_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.stacks() for t in pair)
+
+    def folded_bytes(self) -> int:
+        """The single adapter's folded factors, while cached (see ``folded``)."""
+        if self._folded is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._folded[1:])
 
     def basis_bytes(self) -> int:
         return self.U.numel() * self.U.element_size() + self.V.numel() * self.V.element_size()
@@ -75,6 +82,20 @@ class CoreBank(nn.Module):
                     plan.append((i, sel, pos[sel]))
             self._plan = (self.routing.version, plan)
         return self._plan[1]
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) = (F_t·Vᵀ, U·E_t) of the one adapter every row uses: a plain rank-p LoRA, made once per ``use``.
+
+        For a whole batch on one adapter this costs what PEFT costs (x·Aᵀ·Bᵀ, rank p) instead of
+        going through both bases; it is p·(n + d) numbers, the size of that adapter alone, and is
+        dropped at the next ``use``. Only the mixed batch needs the shared-basis path.
+        """
+        r = self.routing
+        if self._folded is None or self._folded[0] != r.version:
+            E, F = self.stacks()[self.stack_of[r.single]]
+            at = self.position[r.single]
+            self._folded = (r.version, F[at] @ self.V.mT, self.U @ E[at])
+        return self._folded[1], self._folded[2]
 
     def lift(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, …, k_v) = x·V for the batch → the update (B, …, n): each row through its own core, then ·Uᵀ."""

@@ -24,6 +24,9 @@ class SharedLinear(nn.Module):
         y = self.base_layer(x)
         if not self.bank.active():
             return y
+        if self.bank.routing.rows is None:  # one adapter for the batch: its own rank-p factors
+            A, B = self.bank.folded()
+            return y + ((x.to(A.dtype) @ A.mT) @ B.mT).to(y.dtype)
         z = x.to(self.bank.V.dtype) @ self.bank.V
         return y + self.bank.lift(z).to(y.dtype)
 
