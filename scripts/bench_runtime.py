@@ -14,7 +14,8 @@ Figures, each the median of ``--repeats`` timed runs after a warm-up:
   parameter plus every adapter's modules_to_save copy;
 - mixed batch: 64 rows, a random adapter per row (PEFT: ``adapter_names=``), rows per second;
 - single adapter: one adapter for all 64 rows, forward time over the base model's;
-- swap: ``rt.use(name)`` against PEFT's ``set_adapter(name)``.
+- swap: ``rt.use(name)`` plus folding that adapter's rank-p factors (work the next forward would
+  otherwise do) against PEFT's ``set_adapter(name)``.
 """
 
 from __future__ import annotations
@@ -154,7 +155,13 @@ def measure(n: int, work: Path, device: str, repeats: int, rows: int, seed: int)
                 if round_:  # round 0 warms up
                     times[key].append(time.perf_counter() - start)
     t = {key: statistics.median(v) for key, v in times.items()}
-    ours_swap = median_seconds(lambda: [rt.use(name) for name in names[:8]], repeats) / 8
+    def swap(name: str) -> None:  # use(), plus folding its rank-p factors, which the next forward would do
+        rt.use(name)
+        for bank in rt.banks:
+            if bank.active():
+                bank.folded()
+
+    ours_swap = median_seconds(lambda: [swap(name) for name in names[:8]], repeats) / 8
     peft_swap = median_seconds(lambda: [peft_model.set_adapter(name) for name in names[:8]], repeats) / 8
     k = [info["k"] for info in zoo.modules.values()]
     return {

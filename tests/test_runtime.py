@@ -231,3 +231,40 @@ def test_cuda_matches_cpu(zoo, batch):
     assert torch.equal(finite, torch.isfinite(got))
     assert torch.allclose(got[finite], want[finite], rtol=1e-4, atol=1e-5)
     assert all(b.U.is_cuda for b in gpu_rt.banks)
+
+
+class Unetish(nn.Module):
+    """Module names as a diffusers UNet has them: ``down_blocks.0.attn.to_q``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        block = nn.Module()
+        block.attn = nn.Module()
+        block.attn.to_q = nn.Linear(10, 12)
+        self.down_blocks = nn.ModuleList([block])
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_kohya_and_diffusers_names_map_onto_the_models_own(tmp_path, layout):
+    from factories import write_diffusers_dir, write_kohya_file
+
+    gen = torch.Generator().manual_seed(3)
+    B, A = torch.randn(12, 2, generator=gen), torch.randn(2, 10, generator=gen)
+    if layout == "kohya":
+        src = write_kohya_file(tmp_path / "k.safetensors", {"lora_unet_down_blocks_0_attn_to_q": (B, A)}, alpha=4.0)
+        name, scale = "k", 2.0
+    else:
+        src = write_diffusers_dir(tmp_path / "d", {"unet.down_blocks.0.attn.to_q": (B, A, "peft")})
+        name, scale = "d", 1.0
+    zoo = sharecompress.merge([str(src)], tmp_path / "zoo", k=2)
+    model = Unetish()
+    x = torch.randn(3, 10)
+    rt = zoo.attach(model)
+    rt.use(name)
+    with torch.no_grad():
+        got = model.down_blocks[0].attn.to_q(x)
+    rt.detach()
+    layer = model.down_blocks[0].attn.to_q
+    want = nn.functional.linear(x, layer.weight + scale * B @ A, layer.bias)
+    assert torch.allclose(got, want, atol=1e-5)
