@@ -9,31 +9,25 @@ class ShareError(Exception):
     exit_code = 2
 
 
-class InputError(ShareError):
+class PathError(ShareError):
+    """A problem with one file or directory: ``path: problem``, both kept for callers to reword."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class InputError(PathError):
     """A source file or directory that cannot be used, named in the message."""
 
-    def __init__(self, path: object, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
-
-class ZooError(ShareError):
+class ZooError(PathError):
     """A zoo directory that is missing, corrupt, locked or from a newer format."""
 
-    def __init__(self, path: object, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
-
-class StorageError(ShareError):
+class StorageError(PathError):
     """The operating system refused a read or write (no space, permission, name too long, …)."""
-
-    def __init__(self, path: object, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 class ZooChanged(ZooError):
