@@ -268,3 +268,140 @@ def test_kohya_and_diffusers_names_map_onto_the_models_own(tmp_path, layout):
     layer = model.down_blocks[0].attn.to_q
     want = nn.functional.linear(x, layer.weight + scale * B @ A, layer.bias)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+# ---------------------------------------------------------------- found by a review of the runtime
+
+
+def test_bases_in_another_dtype_and_a_model_moved_after_attach(zoo, batch):
+    with torch.no_grad():
+        model = minilm()
+        rt = zoo.attach(model)
+        rt.use(["topic4", "who_did", None, "topic4"])
+        want = model(**batch).logits
+        rt.detach()
+        half = zoo.attach(model, dtype=torch.float16)  # bases and cores in fp16; heads stay with their module
+        half.use(["topic4", "who_did", None, "topic4"])
+        got = model(**batch).logits
+        finite = torch.isfinite(want)
+        assert torch.equal(finite, torch.isfinite(got)) and torch.allclose(got[finite], want[finite], atol=2e-2)
+        half.detach()
+        moved = zoo.attach(model)
+        moved.use("topic4")
+        model.double()  # the heads follow the model, as the bases and cores do
+        assert model(**batch).logits.dtype == torch.float64
+
+
+def test_an_inference_mode_forward_does_not_poison_a_later_backward(zoo, batch):
+    model = minilm()
+    rt = zoo.attach(model)
+    for selection in ("topic4", ["topic4", "who_did", None, "topic4"]):
+        rt.use(selection)
+        with torch.inference_mode():
+            model(**batch)
+        out = model(**batch).logits
+        out[torch.isfinite(out)].sum().backward()
+
+
+def test_the_state_dict_while_attached_is_the_base_models(zoo, batch):
+    model = minilm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rt = zoo.attach(model)
+    rt.use("topic4")
+    during = model.state_dict()
+    assert during.keys() == before.keys() and all(torch.equal(during[k], before[k]) for k in before)
+    fresh = minilm()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)
+    model.load_state_dict(fresh.state_dict())  # loads into the wrapped modules' originals
+    rt.detach()
+    after = model.state_dict()
+    assert all(torch.equal(after[k], fresh.state_dict()[k]) for k in after)
+
+
+def test_a_wrong_row_count_is_refused_even_when_nothing_is_adapted(tmp_path, batch):
+    src = write_peft_adapter(tmp_path / "q", random_factors({"bert.encoder.layer.0.attention.self.query": (384, 384)}, 2, seed=0))
+    headless = sharecompress.merge([str(src)], tmp_path / "zoo", k=2)
+    model = minilm()
+    rt = headless.attach(model)
+    rt.use([None, None])
+    with pytest.raises(ValueError, match="2 adapters, one per row, but the batch has 4 rows"), torch.no_grad():
+        model(**batch)
+
+
+def test_folded_factors_are_dropped_at_the_next_use(zoo, batch):
+    model = minilm()
+    rt = zoo.attach(model)
+    with torch.no_grad():
+        rt.use("topic4")
+        model(**batch)
+        assert rt.memory()["folded_bytes"] > 0
+        rt.use(["topic4", "who_did", None, "topic4"])
+        model(**batch)
+        assert rt.memory()["folded_bytes"] == 0
+
+
+def test_the_shared_basis_is_never_renormalised_and_padding_modes_hold(tmp_path):
+    gen = torch.Generator().manual_seed(9)
+    src = write_peft_adapter(tmp_path / "e", {"q_proj": (torch.randn(8, 2, generator=gen), torch.randn(2, 6, generator=gen))}, alpha=2.0)
+    t = load_file(str(src / "adapter_model.safetensors"))
+    t.update({
+        "base_model.model.embed_tokens.lora_embedding_A": 5 * torch.randn(2, 30, generator=gen),
+        "base_model.model.embed_tokens.lora_embedding_B": 5 * torch.randn(5, 2, generator=gen),
+        "base_model.model.conv.lora_A.weight": torch.randn(2, 3, 3, 3, generator=gen),
+        "base_model.model.conv.lora_B.weight": torch.randn(4, 2, 1, 1, generator=gen),
+    })
+    save_file(t, str(src / "adapter_model.safetensors"))
+    zoo = sharecompress.merge([str(src)], tmp_path / "zoo", k=100)
+    model = Tiny()
+    model.embed_tokens.max_norm = 1.0
+    model.conv.padding_mode = "reflect"
+    rt = zoo.attach(model)
+    rt.use("e")
+    V = [b.V.clone() for b in rt.banks]
+    image = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        model.embed_tokens(torch.randint(0, 30, (2, 7)))
+        got = model.conv(image)
+    assert all(torch.equal(a, b.V) for a, b in zip(V, rt.banks))
+    rt.detach()
+    delta = (t["base_model.model.conv.lora_B.weight"].flatten(1) @ t["base_model.model.conv.lora_A.weight"].flatten(1)).reshape(4, 3, 3, 3)
+    want = nn.functional.conv2d(nn.functional.pad(image, (1, 1, 1, 1), mode="reflect"), model.conv.weight + delta, model.conv.bias)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_a_submodule_without_the_heads_is_served_without_them(zoo, batch):
+    full = minilm()
+    rt = zoo.attach(full)
+    rt.use("topic4")
+    with torch.no_grad():
+        want = full.bert(**batch).last_hidden_state
+    rt.detach()
+    with pytest.warns(UserWarning, match="served without them"):
+        bare = zoo.attach(full.bert)
+    bare.use("topic4")
+    with torch.no_grad():
+        got = full.bert(**batch).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_names_that_flatten_alike_are_refused(tmp_path):
+    src = write_peft_adapter(tmp_path / "c", random_factors({"a.b_c": (4, 4)}, 2, seed=0))
+    zoo = sharecompress.merge([str(src)], tmp_path / "zoo", k=2)
+    model = nn.Module()
+    model.a = nn.Module()
+    model.a.b_c = nn.Linear(4, 4)
+    model.a_b = nn.Module()
+    model.a_b.c = nn.Linear(4, 4)
+    rt = zoo.attach(model)  # the dotted name is exact: no doubt
+    assert isinstance(model.a.b_c, nn.Module) and type(model.a.b_c).__name__ == "SharedLinear"
+    rt.detach()
+    kohya_like = nn.Module()
+    kohya_like.a_b = nn.Module()
+    kohya_like.a_b.c = nn.Linear(4, 4)
+    kohya_like.a = nn.Module()
+    kohya_like.a.b = nn.Module()
+    kohya_like.a.b.c = nn.Linear(4, 4)
+    with pytest.raises(ZooError):
+        zoo.attach(kohya_like)  # a.b_c is not there; a_b.c and a.b.c both flatten to a_b_c

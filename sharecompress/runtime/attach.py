@@ -8,6 +8,7 @@ original module back, so the model is exactly what it was.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -48,6 +49,7 @@ class Runtime:
             raise
         self.banks = [m.bank for _, _, m in self._wrappers() if hasattr(m, "bank")]
         self.heads = [m for _, _, m in self._wrappers() if isinstance(m, HeadSwitch)]
+        self._hook = model.register_forward_pre_hook(self._check_rows, with_kwargs=True)
 
     # -- planning: every check before the model is touched --------------------------------
 
@@ -64,16 +66,31 @@ class Runtime:
             want = tuple(zoo.modules[module]["shape"])
             if flat_shape(original) != want:
                 raise ZooError(module, f"zoo module: shape {list(want)}, but model module {target!r} has {list(flat_shape(original))}")
+            kernel = tuple(original.weight.shape[1:]) if isinstance(original, nn.Conv2d) else None
+            for entry in zoo.adapters:
+                a_shape = entry["modules"].get(module, {}).get("a_shape")
+                if kernel and a_shape and len(a_shape) == 4 and tuple(a_shape[1:]) != kernel:
+                    raise ZooError(module, f"zoo module: conv kernels {a_shape[1:]} in {entry['name']!r}, "
+                                           f"but model module {target!r} has {list(kernel)}")
+                if kernel and a_shape and len(a_shape) == 2 and kernel[1:] != (1, 1):
+                    raise ZooError(module, f"zoo module: a Linear update, but model module {target!r} is a {kernel[1]}x{kernel[2]} conv")
             if target in claimed:
                 raise ZooError(module, f"zoo module: model module {target!r} is also zoo module {claimed[target]!r}")
             claimed[target] = module
             per_adapter = [c.get(module) for c in cores]
             plan.append((target, lambda o, U=U, V=V, p=per_adapter, w=WRAPPERS[kind]: w(o, self._bank(o, U, V, p))))
         heads: dict[str, list[dict[str, torch.Tensor] | None]] = {}
+        self.skipped_heads: list[str] = []
         for t, tensors in enumerate(extras):
             for key, tensor in tensors.items():
                 module_name, param = split_extra(key)
-                target = index.find(module_name, "peft", f"saved tensor of {self.names[t]!r}")
+                try:
+                    target = index.find(module_name, "peft", f"saved tensor of {self.names[t]!r}")
+                except ZooError:
+                    if not index.has_any(module_name):  # a head outside the (sub)model attached to: not served
+                        self.skipped_heads.append(key)
+                        continue
+                    raise
                 if target in claimed:
                     raise ZooError(key, f"saved tensor of {self.names[t]!r}: module {target!r} also has LoRA cores; not supported")
                 if param not in dict(index.modules[target].named_parameters(recurse=False)) | dict(index.modules[target].named_buffers(recurse=False)):
@@ -82,6 +99,9 @@ class Runtime:
                 slots[t] = {**(slots[t] or {}), param: tensor}
         for target, overrides in heads.items():
             plan.append((target, lambda o, ov=overrides: HeadSwitch(o, [self._to_module(o, d) for d in ov], self.routing)))
+        if self.skipped_heads:
+            warnings.warn(f"the model has no module for {len(self.skipped_heads)} saved tensors of the zoo's adapters "
+                          f"(e.g. {self.skipped_heads[0]!r}): served without them", stacklevel=3)
         return plan
 
     def _placement(self, original: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -95,10 +115,15 @@ class Runtime:
         return CoreBank(U, V, per_adapter, self.routing, device, dtype)
 
     def _to_module(self, original: nn.Module, tensors: dict[str, torch.Tensor] | None):
+        """An adapter's saved tensors on the module's own device and dtype (they replace its
+        parameters; ``device``/``dtype`` given to ``attach`` place the bases and cores only)."""
         if tensors is None:
             return None
-        device, dtype = self._placement(original)
-        return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
+        weight = next(original.parameters(), None)
+        device = weight.device if weight is not None else torch.device("cpu")
+        dtype = weight.dtype if weight is not None and weight.is_floating_point() else None
+        return {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+                for k, v in tensors.items()}
 
     # -- patching ---------------------------------------------------------------------------
 
@@ -116,12 +141,26 @@ class Runtime:
     # -- the public API -----------------------------------------------------------------------
 
     def use(self, selection: str | None | Sequence[str | None]) -> None:
-        """One adapter name (or None, the base model) for every row, or a list: one per row."""
+        """One adapter name (or None, the base model) for every row, or a list: one per row.
+
+        A row is index 0 of each adapted module's input (batch-first, as PEFT's ``adapter_names``).
+        """
         self._check_attached()
         if selection is None or isinstance(selection, str):
             self.routing.use_one(self._slot_of(selection))
         else:
             self.routing.use_rows([self._slot_of(name) for name in selection])
+        for bank in self.banks:
+            bank.forget()
+
+    def _check_rows(self, module, args, kwargs) -> None:
+        """Before each forward of the model: a list given to ``use`` must have one name per row."""
+        rows = self.routing.rows
+        if rows is None:
+            return
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        if first is not None and first.shape[0] != rows.numel():
+            raise ValueError(f"rt.use was given {rows.numel()} adapters, one per row, but the batch has {first.shape[0]} rows")
 
     def _slot_of(self, name: str | None) -> int:
         if name is None:
@@ -147,6 +186,11 @@ class Runtime:
         while self._patched:
             parent, attr, original = self._patched.pop()
             setattr(parent, attr, original)
+        for bank in getattr(self, "banks", []):
+            bank.forget()
+        if getattr(self, "_hook", None) is not None:
+            self._hook.remove()
+            self._hook = None
 
     def _check_attached(self) -> None:
         if not self._patched:

@@ -43,9 +43,9 @@ class CoreBank(nn.Module):
         self.stack_of, self.position = stack_of.tolist(), position.tolist()
         self.register_buffer("_stack_of", stack_of.to(device), persistent=False)
         self.register_buffer("_position", position.to(device), persistent=False)
-        self._plan: tuple[int, list] | None = None
+        self._plan: tuple[tuple, list] | None = None
         self._active: tuple[int, bool] | None = None
-        self._folded: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._folded: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def stacks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(getattr(self, f"E{i}"), getattr(self, f"F{i}")) for i in range(len(self.widths))]
@@ -73,14 +73,15 @@ class CoreBank(nn.Module):
 
     def _rows_plan(self, rows: torch.Tensor) -> list:
         """[(stack, rows in it, their positions)] for the current routing; made once per ``use``."""
-        if self._plan is None or self._plan[0] != self.routing.version:
+        key = (self.routing.version, torch.is_inference_mode_enabled())
+        if self._plan is None or self._plan[0] != key:
             stack, pos = self._stack_of[rows], self._position[rows]
             plan = []
             for i in range(len(self.widths)):
                 sel = (stack == i).nonzero().squeeze(1)
                 if sel.numel():
                     plan.append((i, sel, pos[sel]))
-            self._plan = (self.routing.version, plan)
+            self._plan = (key, plan)
         return self._plan[1]
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,12 +91,16 @@ class CoreBank(nn.Module):
         going through both bases; it is p·(n + d) numbers, the size of that adapter alone, and is
         dropped at the next ``use``. Only the mixed batch needs the shared-basis path.
         """
-        r = self.routing
-        if self._folded is None or self._folded[0] != r.version:
-            E, F = self.stacks()[self.stack_of[r.single]]
-            at = self.position[r.single]
-            self._folded = (r.version, F[at] @ self.V.mT, self.U @ E[at])
+        key = (self.routing.version, torch.is_inference_mode_enabled())
+        if self._folded is None or self._folded[0] != key:
+            E, F = self.stacks()[self.stack_of[self.routing.single]]
+            at = self.position[self.routing.single]
+            self._folded = (key, F[at] @ self.V.mT, self.U @ E[at])
         return self._folded[1], self._folded[2]
+
+    def forget(self) -> None:
+        """Drop what was derived for the previous ``use`` (the folded factors, the row plan)."""
+        self._folded = self._plan = self._active = None
 
     def lift(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, …, k_v) = x·V for the batch → the update (B, …, n): each row through its own core, then ·Uᵀ."""

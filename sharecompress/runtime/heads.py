@@ -2,33 +2,45 @@
 
 The module keeps its own parameters (the base model's); an adapter's tensors replace them for
 its rows only, through ``torch.func.functional_call``, one call per group of rows that share an
-adapter. Heads of different widths (a 2-label and a 4-label task in one batch) give the widest
-output, each row padded with -inf: probability 0 under softmax, never a real class.
+adapter. The tensors are non-persistent buffers, so they follow ``model.to(…)`` / ``.half()``
+with the module they belong to. Heads of different widths (a 2-label and a 4-label task in one
+batch) give the widest output, each row padded with -inf: probability 0 under softmax.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.func import functional_call
 
 from .routing import Routing
+from .wrapper import Wrapper
 
 
-class HeadSwitch(nn.Module):
-    def __init__(self, base_layer: nn.Module, overrides: list[dict[str, torch.Tensor] | None], routing: Routing) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.overrides = overrides + [None]  # the base model's slot
+class HeadSwitch(Wrapper):
+    def __init__(self, base_layer, overrides: list[dict[str, torch.Tensor] | None], routing: Routing) -> None:
+        super().__init__(base_layer)
         self.routing = routing
+        self.names: list[dict[str, str] | None] = []  # per slot: {parameter: buffer name}
+        for slot, tensors in enumerate(overrides):
+            if tensors is None:
+                self.names.append(None)
+                continue
+            names = {}
+            for i, (param, tensor) in enumerate(tensors.items()):
+                names[param] = f"slot{slot}_{i}"
+                self.register_buffer(names[param], tensor, persistent=False)
+            self.names.append(names)
+        self.names.append(None)  # the base model's slot
 
     def extra_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for o in self.overrides if o for t in o.values())
+        return sum(getattr(self, b).numel() * getattr(self, b).element_size()
+                   for names in self.names if names for b in names.values())
 
     def _run(self, slot: int, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        params = self.overrides[slot]
-        if params is None:
+        names = self.names[slot]
+        if names is None:
             return self.base_layer(x, *args, **kwargs)
+        params = {param: getattr(self, buffer) for param, buffer in names.items()}
         return functional_call(self.base_layer, params, (x, *args), kwargs, strict=False)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -29,10 +29,26 @@ class ModelIndex:
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = dict(model.named_modules())
-        self.by_flat = {flat(name): name for name in self.modules if name}
+        self.by_flat: dict[str, str] = {}
+        self.ambiguous: set[str] = set()
+        for name in self.modules:
+            if name and flat(name) in self.by_flat:
+                self.ambiguous.add(flat(name))  # ``a.b_c`` and ``a_b.c``: only a dotted name can tell them apart
+            elif name:
+                self.by_flat[flat(name)] = name
+
+    def has_any(self, zoo_name: str) -> bool:
+        """Does any module of the model end like ``zoo_name``'s last component?"""
+        last = zoo_name.rsplit(".", 1)[-1]
+        return any(name.rsplit(".", 1)[-1] == last for name in self.modules if name)
 
     def find(self, zoo_name: str, layout: str, what: str) -> str:
+        dotted = zoo_name[len(PEFT_PREFIX):] if zoo_name.startswith(PEFT_PREFIX) else zoo_name
+        if dotted in self.modules and dotted:
+            return dotted
         key = canonical(zoo_name, layout)
+        if key in self.ambiguous:
+            raise ZooError(zoo_name, f"{what}: several modules of the model flatten to {key!r}; name them apart")
         if key in self.by_flat:
             return self.by_flat[key]
         found = [name for f, name in self.by_flat.items() if key.endswith("_" + f) or f.endswith("_" + key)]

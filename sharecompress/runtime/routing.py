@@ -32,9 +32,10 @@ class Routing:
         assert self.rows is not None
         if batch != self.rows.numel():
             raise ValueError(f"rt.use was given {self.rows.numel()} adapters, one per row, but the batch has {batch} rows")
-        found = self._on.get(device)
+        key = (device, torch.is_inference_mode_enabled())  # an inference tensor must not reach autograd later
+        found = self._on.get(key)
         if found is None:
-            found = self._on[device] = self.rows.to(device)
+            found = self._on[key] = self.rows.to(device)
         return found
 
     def groups(self) -> list[tuple[int, list[int]]]:
