@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .ops import merge as _merge_op
+from .errors import ShareError
 from .store.manifest import DEFAULT_ZOO
 from .store.reader import ZooReader
 
@@ -43,9 +44,12 @@ class Zoo(ZooReader):
 
         self.manifest, self._bases = None, None  # not held while add holds its own copy (a big zoo's manifest is big)
         try:
-            return add(self.path, sources, grow=grow, **kw)
-        finally:
-            self.reload()
+            drift = add(self.path, sources, grow=grow, **kw)
+        except BaseException:
+            self._reload_quietly()
+            raise
+        self.reload()
+        return drift
 
     def export(self, name: str, out: str | Path, dtype: str = "float32", force: bool = False) -> Path:
         from .ops.export import export
@@ -58,8 +62,17 @@ class Zoo(ZooReader):
         self.manifest, self._bases = None, None
         try:
             remove(self.path, names)
-        finally:
+        except BaseException:
+            self._reload_quietly()
+            raise
+        self.reload()
+
+    def _reload_quietly(self) -> None:
+        """After a failed operation: read the zoo again if it can be read; the operation's error is the one to see."""
+        try:
             self.reload()
+        except ShareError:
+            pass
 
     def attach(self, model, device=None, dtype=None):
         """Serve this zoo from memory inside ``model`` (patched in place); see ``runtime.Runtime``."""

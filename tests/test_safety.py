@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 import sharecompress
 from sharecompress import Zoo
 from sharecompress.cli import app
-from sharecompress.errors import InputError, ZooChanged, ZooError
+from sharecompress.errors import ZooChanged, ZooError
 from sharecompress.io.names import name_problem
 from sharecompress.store.verify import verify
 

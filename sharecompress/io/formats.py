@@ -23,7 +23,6 @@ A, the "down" factor, is r × d; B, the "up" factor, is n × r: the same tensors
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
