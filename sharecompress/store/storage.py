@@ -174,7 +174,7 @@ def _alive(pid: int) -> bool:
 def remove_stale_staging(parent: Dir, target: Path) -> list[str]:
     """Hidden staging directories of ``target`` left by a killed writer (its pid is gone): removed.
 
-    Only real directories named exactly as ``_hidden`` names them are touched.
+    Only real directories named exactly as ``hidden_name`` names them are touched.
     """
     removed = []
     pattern = _hidden_pattern(target, "tmp")
