@@ -191,7 +191,7 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     max_error: Optional[float] = typer.Option(None, "--max-error", help="Exit 1 when any adapter's relative error is above this."),
     against: Optional[List[str]] = typer.Option(None, "--against", help="Original adapters (repeatable; a directory of them works): recompute their errors exactly."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the figures (energy kept vs k per module group, each adapter's error) to this PNG; needs matplotlib: pip install 'sharecompress[plot]'."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the figures (energy kept vs k per module group, each adapter's error) to this PNG; needs matplotlib: pip install 'sharecompress\\[plot]'."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML page: summary, figures and tables."),
 ) -> None:
     """Exact reconstruction error and bytes, per adapter and for the zoo."""

@@ -6,7 +6,7 @@ It sits above every room of the package (``io``, ``core``, ``store``, ``ops``, `
 
 from __future__ import annotations
 
-import functools
+import inspect
 import os
 from pathlib import Path
 from typing import Iterable
@@ -17,9 +17,12 @@ from .store.manifest import DEFAULT_ZOO
 from .store.reader import ZooReader
 
 
-@functools.wraps(_merge_op.merge)
 def merge(sources: Iterable[str], zoo: str | os.PathLike = DEFAULT_ZOO, **options) -> "Zoo":
     return Zoo.open(_merge_op.merge(sources, zoo, **options))
+
+
+merge.__doc__ = _merge_op.merge.__doc__.replace("; returns its path.", "; returns it, open.")
+merge.__signature__ = inspect.signature(_merge_op.merge).replace(return_annotation="Zoo")  # type: ignore[attr-defined]
 
 
 class Zoo(ZooReader):
