@@ -97,4 +97,4 @@ def _verify_once(path: Path) -> tuple[list[str], list[str]]:
                     notes.append(f"{full}: not a file of this zoo (left alone; `merge --force` will not replace a zoo holding it)")
     except ShareError as exc:
         problems.append(str(exc))
-    return problems, notes
+    return list(dict.fromkeys(problems)), notes  # one cause (a linked adapters/) can fail several files alike
