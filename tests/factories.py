@@ -148,3 +148,19 @@ def write_diffusers_dir(
         header["lora_adapter_metadata"] = json.dumps(flat)
     save_file(tensors, str(path / "pytorch_lora_weights.safetensors"), metadata=header)
     return path
+
+
+def add_conv_and_embedding(src: Path, gen: torch.Generator, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Add PEFT embedding LoRA (``embed_tokens``, 30 × 5) and 3×3 conv LoRA (``conv``, 3 → 4 channels)
+    to the adapter at ``src``; returns all its tensors."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    tensors.update({
+        "base_model.model.embed_tokens.lora_embedding_A": scale * torch.randn(2, 30, generator=gen),
+        "base_model.model.embed_tokens.lora_embedding_B": scale * torch.randn(5, 2, generator=gen),
+        "base_model.model.conv.lora_A.weight": torch.randn(2, 3, 3, 3, generator=gen),
+        "base_model.model.conv.lora_B.weight": torch.randn(4, 2, 1, 1, generator=gen),
+    })
+    save_file(tensors, str(src / "adapter_model.safetensors"))
+    return tensors

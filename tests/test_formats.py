@@ -20,7 +20,7 @@ from sharecompress.io import formats
 from sharecompress.cli import app
 from sharecompress.io.readers import find_adapters
 
-from factories import write_diffusers_dir, write_kohya_file, write_peft_adapter
+from factories import add_conv_and_embedding, write_diffusers_dir, write_kohya_file, write_peft_adapter
 
 runner = CliRunner()
 LOSSLESS = 100_000  # k is capped at each module's stack rank: nothing is lost
@@ -267,12 +267,8 @@ def test_peft_conv_and_embedding_round_trip(tmp_path):
     gen = torch.Generator().manual_seed(5)
     src = tmp_path / "pe"
     write_peft_adapter(src, {"layers.0.q_proj": (torch.randn(8, 2, generator=gen), torch.randn(2, 6, generator=gen))})
-    t = load_file(str(src / "adapter_model.safetensors"))
+    t = add_conv_and_embedding(src, gen)
     t.update({
-        "base_model.model.embed_tokens.lora_embedding_A": torch.randn(2, 30, generator=gen),
-        "base_model.model.embed_tokens.lora_embedding_B": torch.randn(5, 2, generator=gen),
-        "base_model.model.conv.lora_A.weight": torch.randn(2, 3, 3, 3, generator=gen),
-        "base_model.model.conv.lora_B.weight": torch.randn(4, 2, 1, 1, generator=gen),
         "base_model.model.pw.lora_A.weight": torch.randn(2, 3, 1, 1, generator=gen),
         "base_model.model.pw.lora_B.weight": torch.randn(4, 2, 1, 1, generator=gen),
     })

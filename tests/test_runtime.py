@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,7 +18,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 import sharecompress  # noqa: E402
 from sharecompress.errors import ZooError  # noqa: E402
 
-from factories import random_factors, write_peft_adapter  # noqa: E402
+from factories import add_conv_and_embedding, random_factors, write_peft_adapter  # noqa: E402
 
 hf_logging.set_verbosity_error()
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"
@@ -175,14 +174,7 @@ def test_conv_and_embedding_match_the_dense_update(tmp_path):
     sources, deltas = [], []
     for i in range(2):
         src = write_peft_adapter(tmp_path / f"t{i}", {"q_proj": (torch.randn(8, 2, generator=gen), torch.randn(2, 6, generator=gen))}, alpha=4.0)
-        t = load_file(str(src / "adapter_model.safetensors"))
-        t.update({
-            "base_model.model.embed_tokens.lora_embedding_A": torch.randn(2, 30, generator=gen),
-            "base_model.model.embed_tokens.lora_embedding_B": torch.randn(5, 2, generator=gen),
-            "base_model.model.conv.lora_A.weight": torch.randn(2, 3, 3, 3, generator=gen),
-            "base_model.model.conv.lora_B.weight": torch.randn(4, 2, 1, 1, generator=gen),
-        })
-        save_file(t, str(src / "adapter_model.safetensors"))
+        t = add_conv_and_embedding(src, gen)
         s = 2.0  # alpha 4 / r 2
         deltas.append({
             "q_proj": s * t["base_model.model.q_proj.lora_B.weight"] @ t["base_model.model.q_proj.lora_A.weight"],
@@ -345,14 +337,7 @@ def test_folded_factors_are_dropped_at_the_next_use(zoo, batch):
 def test_the_shared_basis_is_never_renormalised_and_padding_modes_hold(tmp_path):
     gen = torch.Generator().manual_seed(9)
     src = write_peft_adapter(tmp_path / "e", {"q_proj": (torch.randn(8, 2, generator=gen), torch.randn(2, 6, generator=gen))}, alpha=2.0)
-    t = load_file(str(src / "adapter_model.safetensors"))
-    t.update({
-        "base_model.model.embed_tokens.lora_embedding_A": 5 * torch.randn(2, 30, generator=gen),
-        "base_model.model.embed_tokens.lora_embedding_B": 5 * torch.randn(5, 2, generator=gen),
-        "base_model.model.conv.lora_A.weight": torch.randn(2, 3, 3, 3, generator=gen),
-        "base_model.model.conv.lora_B.weight": torch.randn(4, 2, 1, 1, generator=gen),
-    })
-    save_file(t, str(src / "adapter_model.safetensors"))
+    t = add_conv_and_embedding(src, gen, scale=5.0)  # large rows: max_norm would bite
     zoo = sharecompress.merge([str(src)], tmp_path / "zoo", k=100)
     model = Tiny()
     model.embed_tokens.max_norm = 1.0
