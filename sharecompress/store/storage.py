@@ -53,19 +53,10 @@ def write_json(where: Dir, name: str, obj: object) -> str:
     return where.write_new(name, iter_chunks(json_bytes(obj)))
 
 
-def save_tensors_durably(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """``save_tensors`` at a fresh path (it must not exist)."""
-    with Dir.open(path.parent) as where:
-        return save_tensors(where, path.name, tensors, metadata)
-
-
 def write_bytes_durably(path: Path, data: bytes) -> str:
+    """``data`` as a new file at ``path`` (it must not exist), fsync'd; returns its sha256."""
     with Dir.open(path.parent) as where:
         return where.write_new(path.name, iter_chunks(data))
-
-
-def write_json_durably(path: Path, obj: object) -> str:
-    return write_bytes_durably(path, json_bytes(obj))
 
 
 PAUSE_ENV = "SHARECOMPRESS_PAUSE_AT"

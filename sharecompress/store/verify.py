@@ -10,7 +10,7 @@ from ..io.confined import Dir
 from ..errors import ShareError
 from ..io.safetensors_file import SafetensorsFile
 from .transaction import referenced_files
-from .manifest import read_checked, read_manifest, read_manifest_digest, side_ks
+from .manifest import read_checked, read_manifest_digest, side_ks
 from .zoo_files import foreign_entries, scheme_leftovers
 
 
@@ -21,25 +21,24 @@ def verify(path: str | Path, attempts: int = 5) -> tuple[list[str], list[str]]:
     over on the new one (a file of the old generation is gone, not broken).
     """
     path = Path(path)
-    for _ in range(attempts - 1):
+    for attempt in range(attempts):
+        problems, notes, digest = _verify_once(path)
+        if not problems or digest is None or attempt + 1 == attempts:
+            return problems, notes
         try:
-            before = read_manifest_digest(path)[1]
-        except ShareError as exc:
-            return [str(exc)], []
-        problems, notes = _verify_once(path)
-        try:
-            if not problems or read_manifest_digest(path)[1] == before:
+            if read_manifest_digest(path)[1] == digest:  # the generation checked is still the current one
                 return problems, notes
         except ShareError:
-            pass
-    return _verify_once(path)
+            return problems, notes
+    raise AssertionError("unreachable")
 
 
-def _verify_once(path: Path) -> tuple[list[str], list[str]]:
+def _verify_once(path: Path) -> tuple[list[str], list[str], str | None]:
+    """(problems, notes, digest of the manifest checked; None when it could not be read)."""
     try:
-        manifest = read_manifest(path)
+        manifest, digest = read_manifest_digest(path)
     except ShareError as exc:
-        return [str(exc)], []
+        return [str(exc)], [], None
     problems: list[str] = []
     modules = manifest["modules"]
 
@@ -97,4 +96,4 @@ def _verify_once(path: Path) -> tuple[list[str], list[str]]:
                     notes.append(f"{full}: not a file of this zoo (left alone; `merge --force` will not replace a zoo holding it)")
     except ShareError as exc:
         problems.append(str(exc))
-    return list(dict.fromkeys(problems)), notes  # one cause (a linked adapters/) can fail several files alike
+    return list(dict.fromkeys(problems)), notes, digest  # one cause (a linked adapters/) can fail several files alike
