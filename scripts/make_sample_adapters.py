@@ -176,7 +176,18 @@ def train_lora(task, num_labels, r, alpha, rslora, lr, epochs, tokenizer,
     )
     model = get_peft_model(base, config)
     params = [p for p in model.parameters() if p.requires_grad]
+    fit(model, params, lr, epochs, tokenizer, train_texts, train_labels, seed, task)
+    return model
+
+
+def fit(model, params, lr, epochs, tokenizer, train_texts, train_labels, seed, task=""):
+    """The training loop every sample adapter had: AdamW, linear warmup (10%) and decay,
+    gradient clipping at 1, batches in a seeded order. Leaves the model in eval mode.
+
+    ``params`` is a list of tensors, or of AdamW parameter groups (each may set its own ``lr``).
+    """
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    params = [p for group in opt.param_groups for p in group["params"]]
     steps_per_epoch = (len(train_texts) + BATCH_SIZE - 1) // BATCH_SIZE
     total = steps_per_epoch * epochs
     warmup = max(1, total // 10)
@@ -203,7 +214,6 @@ def train_lora(task, num_labels, r, alpha, rslora, lr, epochs, tokenizer,
             seen += len(bt)
         print(f"  [{task}] epoch {ep + 1}/{epochs} train loss {running / seen:.4f}", flush=True)
     model.eval()
-    return model
 
 
 @torch.no_grad()

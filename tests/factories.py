@@ -164,3 +164,43 @@ def add_conv_and_embedding(src: Path, gen: torch.Generator, scale: float = 1.0) 
     })
     save_file(tensors, str(src / "adapter_model.safetensors"))
     return tensors
+
+
+class TinyNet(torch.nn.Module):
+    """An embedding, a 3×3 conv and a linear layer (the modules ``tiny_zoo`` adapts) and a 3-way head."""
+
+    def __init__(self, seed: int = 1):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed_tokens = torch.nn.Embedding(30, 5)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.q_proj = torch.nn.Linear(6, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor, image: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return (self.head(self.q_proj(x)) + self.conv(image).mean((1, 2, 3))[:, None]
+                + self.embed_tokens(ids).mean((1, 2))[:, None])
+
+    @staticmethod
+    def inputs(rows: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        return (torch.randint(0, 30, (rows, 7), generator=gen), torch.randn(rows, 3, 5, 5, generator=gen),
+                torch.randn(rows, 6, generator=gen))
+
+
+def tiny_zoo(tmp_path: Path, count: int = 3, k: int = 2) -> tuple[Path, list[str]]:
+    """``count`` adapters of ``TinyNet`` (q_proj, conv, embed_tokens and a saved head; rank 2, alpha 4)
+    and a zoo of all but the last at ``k``; returns the zoo's path and every source (the last one spare)."""
+    import sharecompress
+
+    gen = torch.Generator().manual_seed(5)
+    sources = []
+    for i in range(count):
+        src = write_peft_adapter(tmp_path / f"t{i}", {"q_proj": (torch.randn(8, 2, generator=gen), torch.randn(2, 6, generator=gen))},
+                                 alpha=4.0, extras={"base_model.model.head.weight": torch.randn(3, 8, generator=gen),
+                                                    "base_model.model.head.bias": torch.randn(3, generator=gen)},
+                                 config={"modules_to_save": ["head"]})
+        add_conv_and_embedding(src, gen)
+        sources.append(str(src))
+    sharecompress.merge(sources[: count - 1] if count > 1 else sources, tmp_path / "zoo", k=k)
+    return tmp_path / "zoo", sources

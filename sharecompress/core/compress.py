@@ -20,6 +20,12 @@ class KRule:
     energy: float | None = None
     k_min: tuple[int, int] = (1, 1)  # per side (U, V): an add never shrinks a module's k
     k_max: tuple[int, int] | None = None  # per side: `add --grow off` holds k where it is
+    sides: tuple[int, int] | None = None  # a fixed k per side (U, V), e.g. a commit that keeps new directions
+
+    @property
+    def fixed(self) -> tuple[int, int] | None:
+        """The k of each side when the rule fixes it (``k`` or ``sides``), else None."""
+        return self.sides if self.sides is not None else (self.k, self.k) if self.k is not None else None
 
 
 @dataclass
@@ -75,8 +81,8 @@ def _side_k(rule: KRule, sub: linalg.Subspace, total: float, cap: int, side: int
     ‖(I − UUᵀ)ΔW‖² + ‖UUᵀΔW(I − VVᵀ)‖², at most the two sides' losses together, so every
     module keeps at least e of its energy (before a core is cut below its rank by ``p``).
     """
-    if rule.k is not None:
-        k = rule.k
+    if rule.fixed is not None:
+        k = rule.fixed[side]
     else:
         k = linalg.smallest_k_for_energy(sub.energies, 1.0 - (1.0 - rule.energy) / 2, total)
         if k is None:
@@ -94,8 +100,8 @@ def _solve(B, A, s, rule, method, sweeps, caps, totals=None):
     other side still needs every direction it has, so one k for both could not be lossless.
     """
     Xu, Xv = linalg.left_blocks(B, A, s), linalg.right_blocks(B, A, s)
-    start = rule.k if rule.k is not None else 32
-    widths = [min(caps[0], max(start, rule.k_min[0])), min(caps[1], max(start, rule.k_min[1]))]
+    start = rule.fixed or (32, 32)
+    widths = [min(caps[0], max(start[0], rule.k_min[0])), min(caps[1], max(start[1], rule.k_min[1]))]
     while True:
         left, right = linalg.top_subspace(Xu, widths[0]), linalg.top_subspace(Xv, widths[1])
         totals = totals or (left.total, right.total)
@@ -121,7 +127,7 @@ def _solve(B, A, s, rule, method, sweeps, caps, totals=None):
 
 def sketch_width(rule: KRule) -> int:
     """Working-subspace width of a module's first sketch (grows only if an energy target needs it)."""
-    want = rule.k if rule.k is not None else max(32, *rule.k_min)
+    want = max(rule.fixed) if rule.fixed is not None else max(32, *rule.k_min)
     return want + SKETCH_EXTRA
 
 
@@ -176,7 +182,7 @@ def module_bases(
         Ar = A @ WV.to(work)
         U, V, curve, done = _solve(Br.double(), Ar.double(), s.double(), rule, method, sweeps, widths, (total, total))
         roomy = all(k <= w - SKETCH_EXTRA // 2 or w == c for k, w, c in zip((U.shape[1], V.shape[1]), widths, caps))
-        if rule.k is not None or roomy:
+        if rule.fixed is not None or roomy:
             return WU @ U, WV @ V, curve, done
         width = 2 * (width - SKETCH_EXTRA) + SKETCH_EXTRA
 

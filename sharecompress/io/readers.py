@@ -290,7 +290,7 @@ def pattern_problem(pattern: str) -> str | None:
 
 
 def _pattern_value(patterns: dict | None, module: str, default: object) -> object:
-    """PEFT's rule, ``re.match(rf"(.*\.)?({key})$", module)``: the first key that matches the whole
+    r"""PEFT's rule, ``re.match(rf"(.*\.)?({key})$", module)``: the first key that matches the whole
     name or a part of it after a dot. Tried on each such part with ``fullmatch``, which means the
     same without the leading ``(.*\.)?`` and its backtracking."""
     parts = module.split(".")

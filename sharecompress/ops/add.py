@@ -147,6 +147,19 @@ def add(
     zoo_path = Path(zoo_path)
     known = zoo_module_layouts(ZooReader(zoo_path).manifest)  # not a zoo → clear error before reading any source
     adapters = find_adapters(list(sources), rank=rank, alpha=alpha, layout=layout, known=known)
+    return add_adapters(zoo_path, adapters, grow=grow, progress=progress)
+
+
+def add_adapters(
+    zoo_path: Path, adapters: list[Adapter], *, grow: str = "auto",
+    progress: Callable[[int, int, str], None] | None = None,
+    keep: dict[str, tuple[int, int]] | None = None,
+) -> dict:
+    """``add`` on adapters already read (from files, or trained in the zoo's subspace: ``ops.commit``).
+
+    ``keep`` {module: (φ_u, φ_v)}: those modules grow by exactly that many directions per side
+    (a committed task's new directions, kept whole), whatever the zoo's rule.
+    """
     with Transaction(zoo_path) as tx:
         manifest = tx.manifest  # edited in place: on failure the transaction publishes nothing
         check_new(manifest, adapters)
@@ -169,7 +182,7 @@ def add(
                     U, V = torch.zeros(n, 0, dtype=store), torch.zeros(d, 0, dtype=store)
                 else:
                     U, V = bases[module]
-                rule = _rule_for(manifest, (U.shape[1], V.shape[1]), grow)
+                rule = _rule_for(manifest, (U.shape[1], V.shape[1]), grow, (keep or {}).get(module))
                 holders = {t: cores[t][module] for t in cores if module in cores[t]}
                 U2, V2, moved, drifts, new, curve, sweeps_done = fold_module(
                     U, V, holders, b, a, spec.scale, rule, manifest.get("method", "share"),
@@ -207,10 +220,18 @@ def add(
     return {t: (v / norms[t]) ** 0.5 if norms[t] > 0 else 0.0 for t, v in step_drift.items()}
 
 
-def _rule_for(manifest: dict, k_old: tuple[int, int], grow: str) -> KRule:
-    """The zoo's own k rule; an energy zoo never shrinks k, and with ``grow off`` keeps it."""
+def _rule_for(manifest: dict, k_old: tuple[int, int], grow: str, keep: tuple[int, int] | None = None) -> KRule:
+    """The zoo's own k rule; an energy zoo never shrinks k, and with ``grow off`` keeps it.
+
+    A fixed-k zoo keeps k, or a module's larger k where a commit grew it (``ops.commit``).
+    ``keep`` = (φ_u, φ_v): new directions a commit brings, kept whole: k grows by them.
+    """
     rule = manifest.get("k_rule") or {}
+    if keep is not None:
+        return KRule(sides=(k_old[0] + keep[0], k_old[1] + keep[1]))
     if rule.get("k") is not None:
+        if k_old[0] > rule["k"] or k_old[1] > rule["k"]:
+            return KRule(sides=(max(k_old[0], rule["k"]), max(k_old[1], rule["k"])))
         return KRule(k=rule["k"])
     floor = (max(k_old[0], 1), max(k_old[1], 1))
     new_module = k_old == (0, 0)

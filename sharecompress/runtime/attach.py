@@ -9,18 +9,20 @@ original module back, so the model is exactly what it was.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from ..errors import ZooError
+from ..errors import ShareError, ZooError
 from ..io.formats import zoo_module_layouts
 from .bank import CoreBank
 from .heads import HeadSwitch
 from .layers import WRAPPERS, flat_shape
 from .matching import ModelIndex, split_extra
 from .routing import Routing
+from . import training as _training
+from .training import Training
 
 if TYPE_CHECKING:
     from ..store.reader import ZooReader
@@ -32,14 +34,25 @@ class Runtime:
     def __init__(self, zoo: "ZooReader", model: nn.Module, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None) -> None:
         self.model = model
+        self.zoo = zoo
         self._device, self._dtype = device, dtype
+        self._patched: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, original)
+        self._hook = None
+        self.training: Training | None = None
+        with torch.inference_mode(False):  # bases a later training step can use, even when attached under inference_mode
+            self._attach()
+
+    def _attach(self) -> None:
+        """Read one generation of the zoo and patch the model (again, after ``commit``)."""
+        zoo = self.zoo
         self.names = list(zoo.names)
         self._slot = {name: t for t, name in enumerate(self.names)}
         self.routing = Routing(len(self.names))
-        self._patched: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, original)
-        bases, cores, extras = zoo.consistent(lambda: (zoo.bases(), [zoo.cores(n) for n in self.names],
-                                                       [zoo.extras(n) for n in self.names]))
-        index = ModelIndex(model)
+        self.modules: dict[str, tuple[str, nn.Module]] = {}  # zoo module → (model module, wrapper)
+        bases, cores, extras, manifest = zoo.consistent(lambda: (
+            zoo.bases(), [zoo.cores(n) for n in self.names], [zoo.extras(n) for n in self.names], zoo.manifest))
+        self.manifest = manifest  # the generation attached (``commit`` trains against these bases)
+        index = ModelIndex(self.model)
         plan = self._plan(zoo, index, bases, cores, extras)
         try:
             for target, make in plan:
@@ -49,13 +62,16 @@ class Runtime:
             raise
         self.banks = [m.bank for _, _, m in self._wrappers() if hasattr(m, "bank")]
         self.heads = [m for _, _, m in self._wrappers() if isinstance(m, HeadSwitch)]
-        self._hook = model.register_forward_pre_hook(self._check_rows, with_kwargs=True)
+        for module, target in self._targets.items():
+            self.modules[module] = (target, self.model.get_submodule(target))
+        self._hook = self.model.register_forward_pre_hook(self._check_rows, with_kwargs=True)
 
     # -- planning: every check before the model is touched --------------------------------
 
     def _plan(self, zoo, index: ModelIndex, bases, cores, extras) -> list:
         layouts = zoo_module_layouts(zoo.manifest)
         plan, claimed = [], {}
+        self._targets: dict[str, str] = {}
         for module, (U, V) in bases.items():
             target = index.find(module, layouts[module], "zoo module")
             original = index.modules[target]
@@ -77,9 +93,11 @@ class Runtime:
             if target in claimed:
                 raise ZooError(module, f"zoo module: model module {target!r} is also zoo module {claimed[target]!r}")
             claimed[target] = module
+            self._targets[module] = target
             per_adapter = [c.get(module) for c in cores]
             plan.append((target, lambda o, U=U, V=V, p=per_adapter, w=WRAPPERS[kind]: w(o, self._bank(o, U, V, p))))
         heads: dict[str, list[dict[str, torch.Tensor] | None]] = {}
+        self._head_names: dict[str, str] = {}  # model module → the name the zoo's adapters save it under
         self.skipped_heads: list[str] = []
         for t, tensors in enumerate(extras):
             for key, tensor in tensors.items():
@@ -95,6 +113,7 @@ class Runtime:
                     raise ZooError(key, f"saved tensor of {self.names[t]!r}: module {target!r} also has LoRA cores; not supported")
                 if param not in dict(index.modules[target].named_parameters(recurse=False)) | dict(index.modules[target].named_buffers(recurse=False)):
                     raise ZooError(key, f"saved tensor of {self.names[t]!r}: model module {target!r} has no parameter {param!r}")
+                self._head_names[target] = module_name
                 slots = heads.setdefault(target, [None] * len(self.names))
                 slots[t] = {**(slots[t] or {}), param: tensor}
         for target, overrides in heads.items():
@@ -135,6 +154,13 @@ class Runtime:
         setattr(parent, attr, wrapper)
         self._patched.append((parent, attr, original))
 
+    def _unpatch(self, target: str) -> None:
+        for i, (parent, attr, original) in enumerate(self._patched):
+            if getattr(parent, attr) is self.model.get_submodule(target):
+                setattr(parent, attr, original)
+                del self._patched[i]
+                return
+
     def _wrappers(self):
         return [(parent, attr, getattr(parent, attr)) for parent, attr, _ in self._patched]
 
@@ -165,6 +191,8 @@ class Runtime:
     def _slot_of(self, name: str | None) -> int:
         if name is None:
             return self.routing.base
+        if self.training is not None and name == self.training.name:
+            return self.routing.live
         if name not in self._slot:
             raise ZooError(name, f"no adapter of this name in the attached zoo (it has: {', '.join(self.names)})")
         return self._slot[name]
@@ -181,8 +209,75 @@ class Runtime:
                 "per_adapter_bytes": (cores + extras) // count if count else 0, "adapters": count,
                 "folded_bytes": sum(b.folded_bytes() for b in self.banks)}
 
+    # -- training a new task in the zoo's subspace (DESIGN.md §8a) ------------------------------
+
+    def new_adapter(self, name: str, extra: int = 0, heads: Iterable[str] | None = (), verbose: bool = True) -> list[nn.Parameter]:
+        """Trainable parameters for a new task ``name``; everything else in the model is frozen.
+
+        Each zoo module gets a core C (k_u × k_v), zero, so the model starts at the base model;
+        ``extra`` = φ adds φ trainable directions per side and module, kept orthogonal to the
+        bases (what the subspace lacks); ``heads`` are module names (as ``model.named_modules()``
+        gives them) trained in full, from the model's own values, like PEFT's modules_to_save.
+        ``use(name)`` routes rows to it (``new_adapter`` selects it for every row); ``commit``
+        folds it into the zoo, ``discard`` drops it. Prints the trainable parameters next to what
+        a LoRA of the zoo's rank would train (``verbose=False``: see ``training.counts``).
+        """
+        self._check_attached()
+        if self.training is not None:
+            raise ZooError(name, f"{self.training.name!r} is in training: commit or discard it first")
+        self.training = _training.start(self, name, extra, heads)
+        self.use(name)
+        if verbose:
+            print(_training.summary(self.training, len(self.modules)))
+        return list(self.training.parameters)
+
+    def commit(self, name: str, grow: str = "auto") -> dict:
+        """Fold the task in training into the zoo on disk (crash-safe, as ``add``), then serve it from there.
+
+        Exact when the update lies in the bases (``extra=0``, and the zoo's bases unchanged
+        since attach): bases and every other adapter stay as they are. Otherwise through the
+        ``add`` path (bases refit, as ``grow`` allows). Returns {"path", "drift", "error"}: the
+        path taken, each old adapter's relative drift, and the new adapter's relative error as
+        stored. The trainable parameters are removed from the model, and the committed adapter
+        is served from the zoo like any other (selected for every row).
+        """
+        from ..ops.commit import commit_trained, trained_adapter
+
+        self._check_attached()
+        training = self.training
+        if training is None or training.name != name:
+            raise ZooError(name, "no task of this name is in training (start one with new_adapter)")
+        if grow not in ("auto", "off"):
+            raise ValueError("grow must be auto or off")
+        modules, heads, config = _training.collect(self, training)
+        adapter = trained_adapter(name, modules, heads, config)
+        result = commit_trained(self.zoo.path, adapter, modules, self.manifest.get("basis_sha256"), grow=grow)
+        _training.stop(self, training)
+        self.training = None
+        self.detach()
+        try:
+            self.zoo.reload()
+            result["error"] = self.zoo.adapter(name)["relative_error"]
+            with torch.inference_mode(False):
+                self._attach()
+        except ShareError as exc:
+            raise ZooError(self.zoo.path, f"{name!r} is committed to the zoo, but the runtime could not attach "
+                                          f"it again ({exc}); attach the zoo anew") from exc
+        self.use(name)
+        return result
+
+    def discard(self, name: str) -> None:
+        """Drop the task in training: the model is as it was before ``new_adapter``."""
+        if self.training is None or self.training.name != name:
+            raise ZooError(name, "no task of this name is in training")
+        _training.stop(self, self.training)
+        self.training = None
+
     def detach(self) -> None:
         """Put every original module back: the model is the very one given to ``attach``."""
+        if getattr(self, "training", None) is not None:
+            _training.stop(self, self.training)
+            self.training = None
         while self._patched:
             parent, attr, original = self._patched.pop()
             setattr(parent, attr, original)

@@ -29,9 +29,10 @@ class CoreBank(nn.Module):
             if pair is not None and pair[0].shape[1] > 0:
                 by_p.setdefault(pair[0].shape[1], []).append(t)
         self.widths = sorted(by_p)
-        # where each slot's core lives: (stack, position); -1 for none (the base model's slot included)
-        stack_of = torch.full((len(cores) + 1,), -1, dtype=torch.long)
-        position = torch.zeros(len(cores) + 1, dtype=torch.long)
+        # where each slot's core lives: (stack, position); -1 for none (the base model's slot, and
+        # the slot of a task in training, whose cores are the wrapper's ``live`` module, included)
+        stack_of = torch.full((len(cores) + 2,), -1, dtype=torch.long)
+        position = torch.zeros(len(cores) + 2, dtype=torch.long)
         for i, p in enumerate(self.widths):
             members = by_p[p]
             E = torch.stack([cores[t][0] for t in members]).to(device=device, dtype=dtype)

@@ -10,6 +10,7 @@ batch) give the widest output, each row padded with -inf: probability 0 under so
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.func import functional_call
 
 from .routing import Routing
@@ -31,10 +32,34 @@ class HeadSwitch(Wrapper):
                 self.register_buffer(names[param], tensor, persistent=False)
             self.names.append(names)
         self.names.append(None)  # the base model's slot
+        self.names.append(None)  # a task in training (``train``)
+
+    def train_slot(self, slot: int) -> list[nn.Parameter]:
+        """Trainable copies of the base module's parameters for ``slot``, the new task's own head,
+        and copies of its buffers (running statistics update these, never the base module's)."""
+        names, trainable = {}, []
+        for i, (name, value) in enumerate(self.base_layer.named_parameters()):
+            names[name] = f"live_{i}"
+            self.register_parameter(names[name], nn.Parameter(value.detach().clone()))
+            trainable.append(getattr(self, names[name]))
+        for i, (name, value) in enumerate(self.base_layer.named_buffers()):
+            names[name] = f"live_buffer_{i}"
+            self.register_buffer(names[name], value.detach().clone(), persistent=False)
+        self.names[slot] = names
+        return trainable
+
+    def drop_slot(self, slot: int) -> None:
+        for attr in (self.names[slot] or {}).values():
+            if hasattr(self, attr):
+                delattr(self, attr)
+        self.names[slot] = None
+
+    def slot_tensors(self, slot: int) -> dict[str, torch.Tensor]:
+        return {param: getattr(self, attr) for param, attr in (self.names[slot] or {}).items()}
 
     def extra_bytes(self) -> int:
         return sum(getattr(self, b).numel() * getattr(self, b).element_size()
-                   for names in self.names if names for b in names.values())
+                   for names in self.names[:-1] if names for b in names.values())
 
     def _run(self, slot: int, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         names = self.names[slot]

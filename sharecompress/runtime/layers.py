@@ -1,7 +1,10 @@
 """One wrapper per module kind: the base module's output plus the zoo's low-rank update.
 
 Each wrapper holds the original module untouched (``base_layer``, as PEFT names it), so
-``detach`` puts the very same object back and the model is bit-identical to before.
+``detach`` puts the very same object back and the model is bit-identical to before. A kind
+differs from another only in how its input meets a basis (``project``: a matmul, a conv, a
+lookup) and where the channels of the result go (``place``); routing rows to adapters, and to a
+new task's trainable cores (``live``), is common to all of them.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bank import CoreBank
+from .live import LiveCore
 from .wrapper import Wrapper
 
 
@@ -18,67 +22,94 @@ def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return t.to(device=ref.device, dtype=ref.dtype)
 
 
-class SharedLinear(Wrapper):
-    """y = W₀x + b + U·E_t·F_t·Vᵀx."""
+class SharedLayer(Wrapper):
+    """y = base(x) + U·E_t·F_t·Vᵀ·x for each row's adapter t, or + [U|P]·C·[V|Q]ᵀ·x for the task in training."""
 
-    def __init__(self, base_layer: nn.Linear, bank: CoreBank) -> None:
+    def __init__(self, base_layer: nn.Module, bank: CoreBank) -> None:
         super().__init__(base_layer)
         self.bank = bank
+        self.live: LiveCore | None = None
+        self.live_slot = -1
+
+    def project(self, x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """The input against the columns of ``basis`` (d × c), channels last: (…, c)."""
+        raise NotImplementedError
+
+    def place(self, delta: torch.Tensor) -> torch.Tensor:
+        """An update computed channels-last, in the layout of the base module's output."""
+        return delta
+
+    def _zoo_delta(self, x: torch.Tensor) -> torch.Tensor:
+        return self.place(self.bank.lift(self.project(x, self.bank.V)))
+
+    def _live_delta(self, x: torch.Tensor) -> torch.Tensor:
+        U, V = self.live.bases(self.bank.U, self.bank.V)
+        return self.place(self.live.lift(self.project(x, V), U))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        if not self.bank.active():
-            return y
-        if self.bank.routing.rows is None:  # one adapter for the batch: its own rank-p factors
-            A, B = self.bank.folded()
-            return y + _like((_like(x, A) @ A.mT) @ B.mT, y)
-        z = _like(x, self.bank.V) @ self.bank.V
-        return y + _like(self.bank.lift(z), y)
+        routing = self.bank.routing
+        if routing.rows is None:
+            if self.live is not None and routing.single == self.live_slot:
+                return y + _like(self._live_delta(x), y)
+            if not self.bank.active():
+                return y
+            return y + _like(self._single_delta(x), y)
+        if self.bank.active():
+            y = y + _like(self._zoo_delta(x), y)
+        if self.live is not None:
+            rows = (routing.rows_on(x.device, x.shape[0]) == self.live_slot).nonzero().squeeze(1)
+            if rows.numel():
+                y = y.index_add(0, rows.to(y.device), _like(self._live_delta(x[rows]), y))
+        return y
+
+    def _single_delta(self, x: torch.Tensor) -> torch.Tensor:
+        return self._zoo_delta(x)
 
 
-class SharedConv2d(Wrapper):
-    """A conv's update: V as a k_v-channel conv kernel (PEFT's lora_A), the cores, then U as 1 × 1."""
+class SharedLinear(SharedLayer):
+    """y = W₀x + b + U·E_t·F_t·Vᵀx."""
+
+    def project(self, x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        return _like(x, basis) @ basis
+
+    def _single_delta(self, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.bank.folded()  # one adapter for the batch: its own rank-p factors
+        return (_like(x, A) @ A.mT) @ B.mT
+
+
+class SharedConv2d(SharedLayer):
+    """A conv's update: the basis as a conv kernel (PEFT's lora_A), the cores, then U as 1 × 1."""
 
     def __init__(self, base_layer: nn.Conv2d, bank: CoreBank) -> None:
-        super().__init__(base_layer)
         if base_layer.groups != 1:
             raise ValueError("grouped convolutions are not supported")
-        self.bank = bank
+        super().__init__(base_layer, bank)
         out, inp, kh, kw = base_layer.weight.shape
         self.kernel_shape = (inp, kh, kw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        if not self.bank.active():
-            return y
+    def project(self, x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
         conv = self.base_layer
-        kernel = self.bank.V.mT.reshape(-1, *self.kernel_shape)
+        kernel = basis.mT.reshape(-1, *self.kernel_shape)
         x = _like(x, kernel)
         padding = conv.padding
         if conv.padding_mode != "zeros":  # as nn.Conv2d does it: pad by the mode, then no padding
             x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), 0
-        z = F.conv2d(x, kernel, None, conv.stride, padding, conv.dilation)
-        delta = self.bank.lift(z.movedim(1, -1)).movedim(-1, 1)
-        return y + _like(delta, y)
+        return F.conv2d(x, kernel, None, conv.stride, padding, conv.dilation).movedim(1, -1)
+
+    def place(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.movedim(-1, 1)
 
 
-class SharedEmbedding(Wrapper):
-    """An embedding's update: the rows of V looked up by id (PEFT's lora_embedding_A), the cores, ·Uᵀ.
+class SharedEmbedding(SharedLayer):
+    """An embedding's update: the rows of the basis looked up by id (PEFT's lora_embedding_A), the cores, ·Uᵀ.
 
     The lookup never renormalises (``max_norm`` is the base table's business: applied to V it
     would change the shared basis in place for every adapter).
     """
 
-    def __init__(self, base_layer: nn.Embedding, bank: CoreBank) -> None:
-        super().__init__(base_layer)
-        self.bank = bank
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(ids)
-        if not self.bank.active():
-            return y
-        z = F.embedding(ids.to(self.bank.V.device), self.bank.V)
-        return y + _like(self.bank.lift(z), y)
+    def project(self, ids: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids.to(basis.device), basis)
 
 
 WRAPPERS: dict[type, type] = {nn.Linear: SharedLinear, nn.Conv2d: SharedConv2d, nn.Embedding: SharedEmbedding}

@@ -6,7 +6,8 @@ import torch
 
 
 class Routing:
-    """Slot ``t`` is the t-th adapter; slot ``base`` (= the number of adapters) is the base model.
+    """Slot ``t`` is the t-th adapter; slot ``base`` (= the number of adapters) is the base model;
+    slot ``live`` (``base + 1``) is a new task in training (``Runtime.new_adapter``).
 
     ``single`` holds one slot for the whole batch; ``rows`` one slot per row (a long tensor, kept
     on each device it is asked for, so a swap moves a few bytes at most and never the bases).
@@ -14,6 +15,7 @@ class Routing:
 
     def __init__(self, count: int) -> None:
         self.base = count
+        self.live = count + 1
         self.version = 0  # bumped by every use: wrappers cache per-routing plans against it
         self.single: int | None = count
         self.rows: torch.Tensor | None = None
