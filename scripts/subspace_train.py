@@ -63,7 +63,7 @@ def lora_count(r: int, modules: int, width: int = 384) -> int:
     return modules * r * 2 * width
 
 
-def in_subspace(task, zoo_dir, extra, lr, lora_lr, epochs, seed, tok, data, export_dir, grow="auto"):
+def in_subspace(task, zoo_dir, extra, lr, lora_lr, head_lr, epochs, seed, tok, data, export_dir, grow="auto"):
     """Train ``task`` in the zoo's subspace, commit, export; every figure of one row."""
     (tr_x, tr_y), (ev_x, ev_y) = data
     torch.manual_seed(seed)  # the same head init as (a)
@@ -75,8 +75,9 @@ def in_subspace(task, zoo_dir, extra, lr, lora_lr, epochs, seed, tok, data, expo
     t0 = time.perf_counter()
     by_role = rt.training.groups
     assert sum(len(g) for g in by_role.values()) == len(params)
-    # cores at their own rate; new directions (LoRA-like factors) and the head at (a)'s
-    groups = [{"params": by_role["cores"], "lr": lr}, {"params": by_role["directions"] + by_role["heads"], "lr": lora_lr}]
+    # cores at their own rate; new directions (LoRA-like factors) at (a)'s; the head as chosen
+    groups = [{"params": by_role["cores"], "lr": lr}, {"params": by_role["directions"], "lr": lora_lr},
+              {"params": by_role["heads"], "lr": head_lr}]
     msa.fit(model, groups, lr, epochs, tok, tr_x, tr_y, seed, f"{task} extra={extra}")
     seconds = time.perf_counter() - t0
     before = logits(model, tok, ev_x)
@@ -107,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-2,
                     help="learning rate of the cores of (b) and (c) (default 3e-2); new directions and the head train at (a)'s")
     ap.add_argument("--tasks", nargs="*", default=None, help="subset of the sample tasks")
+    ap.add_argument("--head-lr", default="lora",
+                    help="learning rate of the head in (b) and (c): 'lora' (= (a)'s, the default) or 'cores' (= --lr)")
     ap.add_argument("--grow", choices=["auto", "off"], default="auto", help="commit's grow for (c) (default auto)")
     ap.add_argument("--eval-seed", type=int, default=msa.EVAL_SEED,
                     help=f"seed of the held-out examples (default {msa.EVAL_SEED}, the sample adapters'; "
@@ -138,8 +141,10 @@ def main(argv=None) -> int:
             head = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n)
             row = {"task": task, "r": r, "epochs": epochs, "k": args.k, "acc_a": acc_a,
                    "params_a": lora_count(r, 12) + head, "params_a_lora": lora_count(r, 12), "train_seconds_a": seconds_a}
-            row["b"] = in_subspace(task, zoo_b, 0, args.lr, lr, epochs, seed, tok, data, work / f"{task}.b.export")
-            row["c"] = in_subspace(task, zoo_c, args.extra, args.lr, lr, epochs, seed, tok, data, work / f"{task}.c.export", args.grow)
+            head_lr = lr if args.head_lr == "lora" else args.lr if args.head_lr == "cores" else float(args.head_lr)
+            row["b"] = in_subspace(task, zoo_b, 0, args.lr, lr, head_lr, epochs, seed, tok, data, work / f"{task}.b.export")
+            row["c"] = in_subspace(task, zoo_c, args.extra, args.lr, lr, head_lr, epochs, seed, tok, data,
+                                   work / f"{task}.c.export", args.grow)
             for m in ("b", "c"):
                 row[m]["keeps"] = row[m]["acc"] / acc_a
                 row[m]["fewer"] = row["params_a"] / row[m]["params"]

@@ -110,6 +110,12 @@ def merge(
     energy: Optional[float] = typer.Option(
         None, "--energy", help="Smallest k per module keeping this share of energy (default 0.99 when -k is not given)."
     ),
+    budget: Optional[str] = typer.Option(
+        None, "--budget", help="Size of the bases and cores, e.g. 3MB, 1.5GB, 512KiB: k per module and side chosen for the least error."
+    ),
+    ratio: Optional[float] = typer.Option(
+        None, "--ratio", help="All-in compression ratio (original LoRA bytes ÷ bases and cores), e.g. 8: a budget of that size."
+    ),
     method: str = typer.Option("share", "--method", help="share (gauge-invariant, refined) or paper (stack B's and A's)."),
     sweeps: int = typer.Option(3, "--sweeps", help="Alternating refinement sweeps (share method)."),
     p: Optional[int] = typer.Option(None, "--p", help="Pseudo-rank of each adapter's core (default: its own rank, at most k)."),
@@ -130,6 +136,7 @@ def merge(
         result = run_merge(
             sources, zoo, k=k, energy=energy, method=method, sweeps=sweeps, p=p, dtype=dtype,
             force=force, rank=rank, alpha=alpha, device=device, shard=parse_shard(shard), progress=progress, layout=layout,
+            budget=budget, ratio=ratio,
         )
     if not quiet and "shard" not in result.manifest:
         render(result.report(), err)

@@ -220,12 +220,27 @@ def compress_module(
     return compress_batch([(factors, scales)], rule, **options)[0]
 
 
+def spectrum(factors: list[tuple[torch.Tensor, torch.Tensor]], scales: list[float], width: int = 128) -> torch.Tensor:
+    """G_t = Uᵀ·ΔW_t·V (T × k_u × k_v) on the leading ``width`` singular directions of each of the
+    module's two stacks (all of them for small stacks): what ``budget.allocate`` works on."""
+    B, A = pad_stack(factors)
+    work = torch.float64 if B.dtype == torch.float64 else torch.float32
+    B, A = B.to(work), A.to(work)
+    s = torch.tensor(scales, dtype=work)
+    total_rank = sum(b.shape[1] for b, _ in factors)
+    bases = []
+    for X, size in ((linalg.left_blocks(B, A, s), B.shape[1]), (linalg.right_blocks(B, A, s), A.shape[2])):
+        bases.append(linalg.top_subspace(X, max(1, min(width, size, total_rank))).basis.to(work))
+    U, V = bases
+    return ((U.T @ B) * s[:, None, None] @ (A @ V)).double()  # each update on those directions
+
+
 def compress_batch(
     batch: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], list[float]]],
-    rule: KRule,
+    rule: KRule | list[KRule],
     method: str = "share",
     sweeps: int = 3,
-    p: int | None = None,
+    p: int | None | list[int | None] = None,
     store: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> list[ModuleResult]:
@@ -233,8 +248,11 @@ def compress_batch(
 
     Their sketches — the passes over the full-size factors, which hold nearly all the
     arithmetic — run as one batched call; what follows works on small projected factors and
-    goes module by module. Results equal G separate ``compress_module`` calls.
+    goes module by module. Results equal G separate ``compress_module`` calls. ``rule`` and ``p``
+    are one for all, or one per module (a budget gives each module its own k and p).
     """
+    rules = rule if isinstance(rule, list) else [rule] * len(batch)
+    ps = p if isinstance(p, list) else [p] * len(batch)
     stacks = [pad_stack(factors) for factors, _ in batch]
     ranks = [[b.shape[1] for b, _ in factors] for factors, _ in batch]
     n, d, total_rank = stacks[0][0].shape[1], stacks[0][1].shape[2], sum(ranks[0])
@@ -247,14 +265,14 @@ def compress_batch(
     sketched = None
     if len(batch) > 1 and needs_sketch(n, d, total_rank, method):
         work = torch.float64 if B.dtype == torch.float64 else torch.float32
-        width = sketch_width(rule)
+        width = max(sketch_width(r) for r in rules)
         sketched = sketch(B.to(work), A.to(work), s.to(work), (min(n, total_rank, width), min(d, total_rank, width)))
     results = []
     for g in range(len(batch)):
         mine = None if sketched is None else tuple(t[g] for t in sketched)
-        U, V, curve, done = module_bases(B[g], A[g], s[g], rule, method, sweeps, total_rank, mine)
+        U, V, curve, done = module_bases(B[g], A[g], s[g], rules[g], method, sweeps, total_rank, mine)
         U_st, V_st = U.to(store).contiguous(), V.to(store).contiguous()
-        cores = project_all(U_st, V_st, B[g], A[g], s[g], ranks[g], p, store)
+        cores = project_all(U_st, V_st, B[g], A[g], s[g], ranks[g], ps[g], store)
         cpu = lambda t: t.cpu().contiguous()  # noqa: E731
         cores = [AdapterCore(cpu(c.E), cpu(c.F), c.err2, c.norm2) for c in cores]
         results.append(ModuleResult(cpu(U_st), cpu(V_st), cores, curve.cpu(), done))

@@ -229,6 +229,8 @@ def _rule_for(manifest: dict, k_old: tuple[int, int], grow: str, keep: tuple[int
     rule = manifest.get("k_rule") or {}
     if keep is not None:
         return KRule(sides=(k_old[0] + keep[0], k_old[1] + keep[1]))
+    if rule.get("budget") is not None and k_old != (0, 0):
+        return KRule(sides=k_old)  # a budgeted zoo's k were allocated for it: held (``ops.merge``)
     if rule.get("k") is not None:
         if k_old[0] > rule["k"] or k_old[1] > rule["k"]:
             return KRule(sides=(max(k_old[0], rule["k"]), max(k_old[1], rule["k"])))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -9,7 +10,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..core.compress import METHODS, KRule, ModuleResult, compress_batch
+from ..core.budget import ModuleSpectrum, allocate, module_numbers, parse_size
+from ..core.compress import METHODS, KRule, ModuleResult, compress_batch, spectrum
 from ..errors import InputError, ZooError
 from ..io.adapter import Adapter
 from ..io.confined import Dir
@@ -103,6 +105,8 @@ def merge(
     shard: tuple[int, int] | None = None,
     progress: Progress | None = None,
     layout: str = "auto",
+    budget: int | str | None = None,
+    ratio: float | None = None,
 ) -> Path:
     """Compress the adapters named by ``sources`` into a new zoo at ``zoo``; returns its path.
 
@@ -113,6 +117,17 @@ def merge(
     ``layout`` (auto, peft, kohya, diffusers) overrides each source's detected key layout.
     """
     sources = list(sources)
+    chosen = [flag for flag, value in (("-k", k), ("--energy", energy), ("--budget", budget), ("--ratio", ratio)) if value is not None]
+    if len(chosen) > 1:
+        raise ValueError(f"give one of -k, --energy, --budget, --ratio (got {' and '.join(chosen)})")
+    if isinstance(budget, str):
+        budget = parse_size(budget)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError("--budget must be a size of at least one byte")
+    if ratio is not None and not (math.isfinite(ratio) and ratio > 0):
+        raise ValueError("--ratio must be a positive number")
+    if (budget is not None or ratio is not None) and shard is not None:
+        raise ValueError("--budget and --ratio allocate across all modules: they cannot be sharded")
     if k is not None and energy is not None:
         raise ValueError("give either k or energy, not both")
     if k is not None and k < 1:
@@ -144,15 +159,30 @@ def merge(
     store_name = storage_dtype(adapters, dtype)
     store = STORE_DTYPES[store_name]
 
+    sized, core_p = None, None
+    if budget is not None or ratio is not None:
+        original = sum(a.lora_bytes for a in adapters)
+        limit = budget if budget is not None else int(original / ratio)
+        size = torch.empty((), dtype=store).element_size()
+        spectra = _spectra(adapters, shapes, batches, progress)
+        smallest = size * sum(module_numbers(s, 1, 1, 1) for s in spectra.values())
+        if smallest > limit:
+            flag = "--budget" if budget is not None else f"--ratio {ratio:g}"
+            raise ValueError(f"{flag}: {limit:,} bytes, but the smallest zoo of these adapters (k = 1 for every module) "
+                             f"takes {smallest:,}")
+        ks = allocate(spectra, limit // size, p)
+        rule = {m: KRule(sides=ks[m][:2]) for m in shapes}
+        core_p = {m: ks[m][2] for m in shapes}
+        sized = {"budget": limit}
     with staged_directory(target, replaceable_zoo if force else None, lock=True) as staging:
         with_extras = shard is None or shard[0] == 1  # heads go with the first part only
-        manifest = _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging, progress, compute_on, with_extras)
+        manifest = _build(adapters, shapes, batches, rule, method, sweeps, core_p or p, store, staging, progress, compute_on, with_extras)
         if shard is not None:
             manifest["shard"] = {"index": shard[0], "count": shard[1]}
         manifest.update(
             base_model=base_model,
             method=method,
-            k_rule={"k": rule.k, "energy": rule.energy},
+            k_rule=sized or {"k": rule.k, "energy": rule.energy},
             sweeps=sweeps,
             p=p,
             dtype=store_name,
@@ -199,6 +229,20 @@ def plan_batches(shapes: dict[str, tuple[int, int]], adapters: list[Adapter], bu
     return batches
 
 
+def _spectra(adapters: list[Adapter], shapes: dict, batches: list[list[str]], progress) -> dict[str, ModuleSpectrum]:
+    """Both sides' spectra of every module: what a budget is allocated on (a pass before the merge)."""
+    holders_of = {m: [a for a in adapters if m in a.modules] for m in shapes}
+    out = {}
+    for batch in batches:
+        for module, factors in zip(batch, _load(holders_of, batch)):
+            cores = spectrum(factors, [a.modules[module].scale for a in holders_of[module]])
+            n, d = shapes[module]
+            out[module] = ModuleSpectrum(n, d, [b.shape[1] for b, _ in factors], cores)
+            if progress:
+                progress(len(out), len(shapes), f"sizing {module}")
+    return out
+
+
 def _load(holders_of: dict[str, list[Adapter]], modules: list[str]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     return [[a.factors(module, None) for a in holders_of[module]] for module in modules]
 
@@ -223,7 +267,8 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
                 pending = reader.submit(_load, holders_of, batches[i + 1])
             jobs = [(factors, [a.modules[m].scale for a in holders_of[m]]) for m, factors in zip(batch, loaded)]
             del loaded
-            results = compress_batch(jobs, rule, method, sweeps, p, store, device)
+            per = lambda x: [x[m] for m in batch] if isinstance(x, dict) else x  # noqa: E731  (a budget's per-module k and p)
+            results = compress_batch(jobs, per(rule), method, sweeps, per(p), store, device)
             del jobs
             for module, result in zip(batch, results):
                 n, d = shapes[module]

@@ -66,6 +66,7 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
         "bytes_basis": basis_bytes,
         "bytes_coefficients": coef_bytes,
         "bytes_extras": sum(e.get("bytes_extras", 0) for e in manifest["adapters"]),
+        "budget": (manifest.get("k_rule") or {}).get("budget"),
         "compression_ratio": original / compressed if compressed else 0.0,
         "coefficient_ratio": original / coef_bytes if coef_bytes else 0.0,
         "method": manifest.get("method"),
@@ -108,5 +109,10 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
         f"coefficients {human_bytes(report['bytes_coefficients'])} = {human_bytes(report['bytes_compressed'])}: "
         f"[bold]{report['compression_ratio']:.2f}×[/] all-in, {report['coefficient_ratio']:.2f}× coefficients only"
     )
+    if report.get("budget"):
+        over = report["bytes_compressed"] > report["budget"]
+        console.print(f"size budget {human_bytes(report['budget'])} (merge --budget): "
+                      + (f"[bold red]over it by {human_bytes(report['bytes_compressed'] - report['budget'])}[/] "
+                         "(adds hold each k; merge again to reallocate)" if over else "within it"))
     if report["bytes_extras"]:
         console.print(f"non-LoRA tensors kept verbatim: {human_bytes(report['bytes_extras'])} (in neither figure)")

@@ -53,10 +53,10 @@ def start(rt: "Runtime", name: str, extra: int, heads: Iterable[str] | None) -> 
     if name in rt.names:
         raise ZooError(name, "an adapter of this name is already in the zoo")
     try:
-        extra = operator.index(extra)
+        extra = -1 if isinstance(extra, bool) else operator.index(extra)
     except TypeError:
         extra = -1
-    if isinstance(extra, bool) or extra < 0:
+    if extra < 0:
         raise ValueError("extra must be a whole number of directions, 0 or more")
     heads = check_heads(rt, [heads] if isinstance(heads, str) else list(heads or ()))
     frozen = {p: p.requires_grad for p in rt.model.parameters()}

@@ -115,6 +115,8 @@ def _check(m: dict) -> None:
             _int(rule["k"], "k_rule.k", 1)
         if rule.get("energy") is not None:
             _num(rule["energy"], "k_rule.energy", 0.0)
+        if rule.get("budget") is not None:
+            _int(rule["budget"], "k_rule.budget", 1)
     if m.get("shard") is not None:
         shard = _obj(m["shard"], "shard")
         count = _int(shard.get("count"), "shard.count", 1, 1 << 20)
