@@ -201,7 +201,7 @@ def report(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the figures (energy kept vs k per module group, each adapter's error) to this PNG; needs matplotlib: pip install 'sharecompress\\[plot]'."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML page: summary, figures and tables."),
 ) -> None:
-    """Exact reconstruction error and bytes, per adapter and for the zoo."""
+    """Reconstruction error (exact, or a bound marked ≤ after adds) and bytes, per adapter and for the zoo."""
     from .report.figures import check_outputs, write_outputs
     from .report.report import render
     from .zoo import Zoo
@@ -218,9 +218,14 @@ def report(
     for line in written:
         err.print(shown(line), highlight=False)
     if max_error is not None:
-        over = [a["name"] for a in data["adapters"] if a["relative_error"] > max_error]
+        over = [a for a in data["adapters"] if a["relative_error"] > max_error]
         if over:
-            err.print(shown(f"{len(over)} adapter(s) above --max-error {max_error:g}: {', '.join(over)}"), highlight=False)
+            bounds = [a["name"] for a in over if not a["exact"]]
+            line = f"{len(over)} adapter(s) above --max-error {max_error:g}: {', '.join(a['name'] for a in over)}"
+            if bounds:
+                line += (f" ({len(bounds)} of them by an upper bound, after adds: report --against the original "
+                         "adapters gives exact errors)")
+            err.print(shown(line), highlight=False)
             raise typer.Exit(1)
 
 
@@ -284,11 +289,14 @@ def list_(zoo: Path = ZooOption, as_json: bool = typer.Option(False, "--json", h
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
         return
     table = Table(title=f"{shown(zoo)}: {len(rows)} adapters", title_justify="left")
-    for col in ("name", "rank", "p", "error bound", "added", "source"):
+    for col in ("name", "rank", "p", "rel. error", "added", "source"):
         table.add_column(col)
-    for r in rows:
-        table.add_row(*(shown(x) for x in (r["name"], r["rank"], r["p"], f"{r['error_bound']:.4g}", r["added"], r["source"])))
+    for r, e in zip(rows, opened.adapters):
+        error = f"{'' if e.get('exact', True) else '≤ '}{r['error_bound']:.4g}"
+        table.add_row(*(shown(x) for x in (r["name"], r["rank"], r["p"], error, r["added"], r["source"])))
     out.print(table)
+    if not all(e.get("exact", True) for e in opened.adapters):
+        err.print("≤: an upper bound (the adapter moved in later adds); report --against the originals gives exact errors")
 
 
 @app.command()

@@ -253,3 +253,29 @@ def test_conv_and_embedding_lora_round_trip(tmp_path):
         want = 2.0 * original[b_key].flatten(1).double() @ original[a_key].flatten(1).double()
         got = out[b_key].flatten(1).double() @ out[a_key].flatten(1).double()
         assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_bounds_after_an_add_are_marked_and_max_error_says_so(tmp_path):
+    from typer.testing import CliRunner
+
+    from factories import random_factors, write_peft_adapter
+    from sharecompress.cli import app
+
+    modules = {"layers.0.q_proj": (24, 20), "layers.1.v_proj": (24, 20)}
+    paths = [str(write_peft_adapter(tmp_path / f"a{i}", random_factors(modules, 4, seed=i))) for i in range(3)]
+    runner = CliRunner()
+    zoo = str(tmp_path / "zoo")
+    assert runner.invoke(app, ["merge", *paths[:2], "--zoo", zoo, "-k", "3", "-q"]).exit_code == 0
+    exact = runner.invoke(app, ["report", "--zoo", zoo])
+    assert "≤" not in exact.output
+    assert runner.invoke(app, ["add", paths[2], "--zoo", zoo, "-q"]).exit_code == 0
+    shown = runner.invoke(app, ["report", "--zoo", zoo, "--max-error", "0.01"])
+    assert shown.exit_code == 1
+    rows = {line.split("│")[1].strip(): line for line in shown.output.splitlines() if line.count("│") > 3}
+    assert "≤ " in rows["a0"] and "≤ " in rows["a1"] and "≤" not in rows["a2"]  # a2 came in exact
+    assert "report --against the original adapters gives exact errors" in shown.output
+    assert "2 of them by an upper bound" in shown.output
+    listed = runner.invoke(app, ["list", "--zoo", zoo])
+    assert "≤ " in listed.output and "upper bound" in listed.output
+    against = runner.invoke(app, ["report", "--zoo", zoo, "--against", *paths])
+    assert "≤" not in against.output

@@ -357,8 +357,8 @@ def _error_bars(ax: Any, adapters: list[dict], max_error: float | None) -> None:
             bar.set_edgecolor("white")
     ax.set_yticks(list(ys), [a["name"] for a in adapters], fontsize=9 if len(adapters) <= 20 else 7)
     top = max(errors + [max_error or 0.0]) or 1.0
-    for y, e in zip(ys, errors):
-        ax.text(e + top * 0.01, y, f"{e:.3g}", va="center", fontsize=8)
+    for y, e, a in zip(ys, errors, adapters):
+        ax.text(e + top * 0.01, y, f"{'' if a['exact'] else '≤ '}{e:.3g}", va="center", fontsize=8)
     ax.set_xlim(0, top * 1.12)
     ax.set_ylim(-0.6, len(adapters) - 0.4)
     ax.set_xlabel("relative error")
@@ -384,7 +384,7 @@ def _error_profile(ax: Any, adapters: list[dict], max_error: float | None) -> No
     worst = adapters[::-1][:NOTE_WORST]
     ax.scatter(xs[::-1][: len(worst)], [a["relative_error"] for a in worst], s=90, facecolors="none",
                edgecolors="black", linewidths=1, zorder=3)
-    listing = "\n".join(f"{a['name']}  {a['relative_error']:.4g}" for a in worst)
+    listing = "\n".join(f"{a['name']}  {'' if a['exact'] else '≤ '}{a['relative_error']:.4g}" for a in worst)
     ax.text(0.98, 0.04, f"worst (circled):\n{listing}", transform=ax.transAxes, ha="right", va="bottom",
             multialignment="left", fontsize=8, family="monospace", bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.7"})
     _profile_limits(ax, errors, max_error)

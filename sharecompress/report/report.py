@@ -92,15 +92,22 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
                       ("worst module", "right"), ("drift", "right")):
         table.add_column(col, justify=just)
     for a in report["adapters"]:
-        err = f"{a['relative_error']:.4g}"
+        bound = "" if a["exact"] else "≤ "
+        err = f"{bound}{a['relative_error']:.4g}"
         if max_error is not None and a["relative_error"] > max_error:
             err = f"[bold red]{err}[/]"
-        table.add_row(escape(a["name"]), escape(str(a["rank"])), escape(str(a["p"])), err, f"{a['max_module_error']:.4g}", f"{a['drift']:.3g}")
+        table.add_row(escape(a["name"]), escape(str(a["rank"])), escape(str(a["p"])), err,
+                      f"{bound}{a['max_module_error']:.4g}", f"{a['drift']:.3g}")
     console.print(table)
+    exact = all(a["exact"] for a in report["adapters"])
+    if not exact:
+        console.print("≤: an upper bound (the adapter moved in later adds: its error at merge plus every drift since); "
+                      "report --against the original adapters gives exact errors")
     ks = Counter(m["k"] for m in report["modules"].values())
     k_text = ", ".join(f"k={k} ×{n}" for k, n in sorted(ks.items()))
     console.print(
-        f"zoo relative error [bold]{report['relative_error']:.4g}[/] (energy kept {report['energy_kept']:.4%}), "
+        f"zoo relative error [bold]{'' if exact else '≤ '}{report['relative_error']:.4g}[/] "
+        f"(energy kept {'' if exact else '≥ '}{report['energy_kept']:.4%}), "
         f"method {escape(str(report['method']))}, stored as {escape(str(report['dtype']))}"
     )
     console.print(f"{len(report['modules'])} modules: {k_text}")
