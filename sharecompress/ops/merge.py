@@ -12,6 +12,7 @@ import torch
 
 from ..core.budget import ModuleSpectrum, allocate, module_numbers, parse_size
 from ..core.compress import METHODS, KRule, ModuleResult, compress_batch, spectrum
+from ..core.diagnostics import nearest_twin
 from ..errors import InputError, ZooError
 from ..io.adapter import Adapter
 from ..io.confined import Dir
@@ -258,6 +259,7 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
     reader = ThreadPoolExecutor(max_workers=1)
     hasher = ThreadPoolExecutor(max_workers=1)  # sources' digests, alongside the compute
     digests = [hasher.submit(lambda a=a: a.sha256) for a in adapters]
+    twins: dict[tuple[str, str], float] = {}  # (adapter, module): lora_A's largest cosine with another's
     done = 0
     try:
         pending = reader.submit(_load, holders_of, batches[0]) if batches else None
@@ -265,6 +267,9 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
             loaded = pending.result()
             if i + 1 < len(batches):
                 pending = reader.submit(_load, holders_of, batches[i + 1])
+            for m, factors in zip(batch, loaded):
+                for a, cosine in zip(holders_of[m], nearest_twin([A for _, A in factors])):
+                    twins[a.name, m] = round(cosine, 4)
             jobs = [(factors, [a.modules[m].scale for a in holders_of[m]]) for m, factors in zip(batch, loaded)]
             del loaded
             per = lambda x: [x[m] for m in batch] if isinstance(x, dict) else x  # noqa: E731  (a budget's per-module k and p)
@@ -289,6 +294,8 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
         for entry in entries.values():
             entry["extras"], entry["bytes_extras"] = [], 0
     for entry in entries.values():
+        for module, mod in entry["modules"].items():
+            mod["init_cosine"] = twins[entry["name"], module]
         finish_adapter_entry(entry)
     manifest = write_zoo_files([a.name for a in adapters], basis, modules, cores, entries, extras, staging)
     manifest["created"] = manifest["updated"] = now()

@@ -12,6 +12,7 @@ from ..ops.entries import module_bound2, relative
 from ..store.manifest import side_ks
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+SHARED_INIT = 0.9  # lora_A cosine above which two adapters are taken to share their init
 
 
 def build_report(manifest: dict, measured: dict | None = None) -> dict:
@@ -53,6 +54,7 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
                 "merge_error": entry.get("merge_error", relative(err2, norm2)),
                 "drift": entry.get("drift", 0.0),
                 "bytes_original": entry["bytes_original"],
+                "init_similarity": init_similarity(entry),
                 "modules": per_module,
             }
         )
@@ -79,6 +81,16 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
         },
         "adapters": adapters,
     }
+
+
+def init_similarity(entry: dict) -> float | None:
+    """The median over an adapter's modules of its lora_A's largest cosine with another adapter's
+    (recorded at merge, ``core.diagnostics``); None for adapters an add brought in."""
+    values = sorted(m["init_cosine"] for m in entry["modules"].values() if m.get("init_cosine") is not None)
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
 def human_bytes(n: int) -> str:
@@ -121,5 +133,12 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
         console.print(f"size budget {human_bytes(report['budget'])} (merge --budget): "
                       + (f"[bold red]over it by {human_bytes(report['bytes_compressed'] - report['budget'])}[/] "
                          "(adds hold each k; merge again to reallocate)" if over else "within it"))
+    twins = [a["name"] for a in report["adapters"] if (a.get("init_similarity") or 0.0) >= SHARED_INIT]
+    if len(twins) >= 2:
+        console.print(
+            f"[bold]note[/]: the lora_A of {len(twins)} of {len(report['adapters'])} adapters nearly equals another's "
+            f"(cosine ≥ {SHARED_INIT}, median over modules): they share an initialisation, so part of what the bases "
+            "share is that common start, not learned structure; a new task trained from another seed will fit less well"
+        )
     if report["bytes_extras"]:
         console.print(f"non-LoRA tensors kept verbatim: {human_bytes(report['bytes_extras'])} (in neither figure)")

@@ -1,0 +1,54 @@
+"""report's diagnostics: adapters that share their lora_A initialisation are named as such."""
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+import sharecompress
+from sharecompress.cli import app
+from sharecompress.core.diagnostics import nearest_twin
+
+from factories import write_peft_adapter
+
+MODULES = {"layers.0.q_proj": (24, 300), "layers.1.v_proj": (24, 300)}
+
+
+def adapters(tmp_path, shared: bool, count: int = 4):
+    gen = torch.Generator().manual_seed(0)
+    start = {m: torch.randn(4, d, generator=gen) for m, (n, d) in MODULES.items()}
+    paths = []
+    for i in range(count):
+        factors = {}
+        for m, (n, d) in MODULES.items():
+            A = (start[m] if shared else torch.randn(4, d, generator=gen)) + 0.1 * torch.randn(4, d, generator=gen)
+            factors[m] = (torch.randn(n, 4, generator=gen), A)  # training moved lora_A a little, lora_B a lot
+        paths.append(str(write_peft_adapter(tmp_path / ("s" if shared else "i") / f"a{i}", factors)))
+    return paths
+
+
+def test_nearest_twin_is_the_largest_cosine_with_another_adapter_of_the_same_shape():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    got = nearest_twin([a, a * 3, -a, torch.ones(1, 2)])
+    assert got[0] == got[1] == 1.0 and abs(got[2] + 1.0) < 1e-6 and got[3] == 0.0
+
+
+def test_a_shared_initialisation_is_reported_and_independent_ones_are_not(tmp_path):
+    runner = CliRunner()
+    for shared in (True, False):
+        zoo = sharecompress.merge(adapters(tmp_path, shared), tmp_path / f"zoo{shared}", k=4)
+        similarity = [a["init_similarity"] for a in zoo.report()["adapters"]]
+        out = runner.invoke(app, ["report", "--zoo", str(tmp_path / f"zoo{shared}")]).output
+        if shared:
+            assert min(similarity) > 0.95 and "share an initialisation" in out
+        else:
+            assert max(similarity) < 0.3 and "share an initialisation" not in out
+
+
+def test_a_manifest_with_an_impossible_cosine_is_refused(tmp_path):
+    zoo = sharecompress.merge(adapters(tmp_path, True, 2), tmp_path / "zoo", k=2)
+    manifest = json.loads((zoo.path / "manifest.json").read_text())
+    next(iter(manifest["adapters"][0]["modules"].values()))["init_cosine"] = 2.0
+    (zoo.path / "manifest.json").write_text(json.dumps(manifest))
+    out = CliRunner().invoke(app, ["report", "--zoo", str(zoo.path)])
+    assert out.exit_code == 2 and "init_cosine" in out.output
