@@ -52,3 +52,30 @@ def test_a_manifest_with_an_impossible_cosine_is_refused(tmp_path):
     (zoo.path / "manifest.json").write_text(json.dumps(manifest))
     out = CliRunner().invoke(app, ["report", "--zoo", str(zoo.path)])
     assert out.exit_code == 2 and "init_cosine" in out.output
+
+
+def test_held_out_errors_equal_a_dense_leave_one_out(tmp_path):
+    from factories import dense_delta, random_factors
+
+    from sharecompress.core.diagnostics import held_out_errors
+
+    shapes = {"m": (12, 10)}
+    factors = [random_factors(shapes, r, seed=s)["m"] for s, r in enumerate((2, 3, 2, 4))]
+    scales = [1.5, 0.5, 2.0, 1.0]
+    ku, kv = 3, 4
+    got = held_out_errors(factors, scales, ku, kv)
+    deltas = [dense_delta(b, a, s) for (b, a), s in zip(factors, scales)]
+    for t, delta in enumerate(deltas):
+        others = [d for i, d in enumerate(deltas) if i != t]
+        U = torch.linalg.svd(torch.cat(others, dim=1))[0][:, :ku]
+        V = torch.linalg.svd(torch.cat([d.T for d in others], dim=1))[0][:, :kv]
+        want = float((delta - U @ U.T @ delta @ V @ V.T).pow(2).sum())
+        assert abs(got[t] - want) <= 1e-9 * float(delta.pow(2).sum()), t
+
+
+def test_the_report_shows_the_held_out_error_next_to_the_zoos(tmp_path):
+    zoo = sharecompress.merge(adapters(tmp_path, False), tmp_path / "zoo", k=4)
+    report = zoo.report()
+    assert all(a["held_out_error"] >= a["relative_error"] - 1e-9 for a in report["adapters"])
+    out = CliRunner().invoke(app, ["report", "--zoo", str(tmp_path / "zoo")]).output
+    assert "held out: median error" in out

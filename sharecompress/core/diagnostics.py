@@ -36,3 +36,45 @@ def nearest_twin(As: list[torch.Tensor], seed: int = 0) -> list[float]:
         for i, t in enumerate(members):
             out[t] = float(cos[i].max())
     return out
+
+
+LOO_LIMIT = 512  # total rank of a module above which held-out errors are not computed (T eigen-solves of that size)
+
+
+def held_out_errors(factors: list[tuple[torch.Tensor, torch.Tensor]], scales: list[float], ku: int, kv: int) -> list[float] | None:
+    """Each adapter's squared error on bases of the same size fit without it (leave-one-out).
+
+    Per side, the stack's column space is orthonormalised once (Q, with M = Q·R); leaving adapter
+    t out subtracts its columns' Gram R_t·R_tᵀ, and the top-k eigenvectors of what is left give
+    the bases the other adapters alone would choose (before refinement). The error is then the
+    adapter's energy outside U_{-t} ⊗ V_{-t}: ‖ΔW_t‖² − ‖U_{-t}ᵀ·ΔW_t·V_{-t}‖², from factors only.
+    None when the module's total rank is above ``LOO_LIMIT``.
+    """
+    from . import linalg
+
+    total = sum(b.shape[1] for b, _ in factors)
+    if total > LOO_LIMIT or len(factors) < 2:
+        return None
+    B = [b.double() for b, _ in factors]
+    A = [a.double() for _, a in factors]
+    s = torch.tensor(scales, dtype=torch.float64)
+    sides = []
+    for side in (0, 1):
+        blocks = [linalg.left_blocks(b[None], a[None], s[t : t + 1])[0] if side == 0 else
+                  linalg.right_blocks(b[None], a[None], s[t : t + 1])[0] for t, (b, a) in enumerate(zip(B, A))]
+        M = torch.cat(blocks, dim=1)
+        Q, R = torch.linalg.qr(M)
+        sides.append((Q, R, [blk.shape[1] for blk in blocks]))
+    out = []
+    for t in range(len(factors)):
+        bases = []
+        for (Q, R, widths), k in zip(sides, (ku, kv)):
+            start = sum(widths[:t])
+            keep = torch.cat([R[:, :start], R[:, start + widths[t]:]], dim=1)
+            evals, evecs = torch.linalg.eigh(keep @ keep.T)
+            bases.append(Q @ evecs[:, -min(k, evecs.shape[1]):])
+        U, V = bases
+        core = (U.T @ B[t]) * s[t] @ (A[t] @ V)
+        norm2 = float((s[t] ** 2) * ((B[t].T @ B[t]) * (A[t] @ A[t].T)).sum())
+        out.append(max(norm2 - float(core.pow(2).sum()), 0.0))
+    return out

@@ -12,7 +12,7 @@ import torch
 
 from ..core.budget import ModuleSpectrum, allocate, module_numbers, parse_size
 from ..core.compress import METHODS, KRule, ModuleResult, compress_batch, spectrum
-from ..core.diagnostics import nearest_twin
+from ..core.diagnostics import held_out_errors, nearest_twin
 from ..errors import InputError, ZooError
 from ..io.adapter import Adapter
 from ..io.confined import Dir
@@ -260,6 +260,7 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
     hasher = ThreadPoolExecutor(max_workers=1)  # sources' digests, alongside the compute
     digests = [hasher.submit(lambda a=a: a.sha256) for a in adapters]
     twins: dict[tuple[str, str], float] = {}  # (adapter, module): lora_A's largest cosine with another's
+    loo: dict[tuple[str, str], float] = {}  # (adapter, module): squared error on bases fit without it
     done = 0
     try:
         pending = reader.submit(_load, holders_of, batches[0]) if batches else None
@@ -274,6 +275,10 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
             del loaded
             per = lambda x: [x[m] for m in batch] if isinstance(x, dict) else x  # noqa: E731  (a budget's per-module k and p)
             results = compress_batch(jobs, per(rule), method, sweeps, per(p), store, device)
+            for (factors, scales), module, result in zip(jobs, batch, results):
+                held = held_out_errors(factors, scales, result.U.shape[1], result.V.shape[1])
+                for a, err2 in zip(holders_of[module], held or []):
+                    loo[a.name, module] = err2
             del jobs
             for module, result in zip(batch, results):
                 n, d = shapes[module]
@@ -296,6 +301,8 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
     for entry in entries.values():
         for module, mod in entry["modules"].items():
             mod["init_cosine"] = twins[entry["name"], module]
+            if (entry["name"], module) in loo:
+                mod["held_out_err2"] = loo[entry["name"], module]
         finish_adapter_entry(entry)
     manifest = write_zoo_files([a.name for a in adapters], basis, modules, cores, entries, extras, staging)
     manifest["created"] = manifest["updated"] = now()

@@ -55,6 +55,7 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
                 "drift": entry.get("drift", 0.0),
                 "bytes_original": entry["bytes_original"],
                 "init_similarity": init_similarity(entry),
+                "held_out_error": held_out_error(entry),
                 "modules": per_module,
             }
         )
@@ -91,6 +92,15 @@ def init_similarity(entry: dict) -> float | None:
         return None
     middle = len(values) // 2
     return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def held_out_error(entry: dict) -> float | None:
+    """The adapter's relative error on bases of the same k fit without it (leave-one-out, recorded
+    at merge, ``core.diagnostics``): how well a new task like it would fit. None when not recorded."""
+    mods = entry["modules"].values()
+    if not mods or any(m.get("held_out_err2") is None for m in mods):
+        return None
+    return relative(sum(m["held_out_err2"] for m in mods), sum(m["norm2"] for m in mods))
 
 
 def human_bytes(n: int) -> str:
@@ -133,6 +143,17 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
         console.print(f"size budget {human_bytes(report['budget'])} (merge --budget): "
                       + (f"[bold red]over it by {human_bytes(report['bytes_compressed'] - report['budget'])}[/] "
                          "(adds hold each k; merge again to reallocate)" if over else "within it"))
+    held = [(a["held_out_error"], a["relative_error"]) for a in report["adapters"] if a.get("held_out_error") is not None]
+    if held:
+        outside = sorted(h for h, _ in held)[len(held) // 2]
+        inside = sorted(e for _, e in held)[len(held) // 2]
+        console.print(
+            f"held out: median error {outside:.4g} on bases fit without the adapter, against {inside:.4g} in the zoo "
+            f"(merge's leave-one-out over {len(held)} adapters): "
+            + ("an adapter trained apart from these fits their subspace about as well" if outside <= 1.5 * inside + 0.05 else
+               "an adapter trained apart from these lies largely outside their subspace, so add will grow k for it "
+               "(training a new task inside the subspace, rt.new_adapter, is another matter)")
+        )
     twins = [a["name"] for a in report["adapters"] if (a.get("init_similarity") or 0.0) >= SHARED_INIT]
     if len(twins) >= 2:
         console.print(

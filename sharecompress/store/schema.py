@@ -211,6 +211,8 @@ def _check_adapter_module(field: str, module: str, mod: dict, modules: dict) -> 
     _num(mod.get("scale"), f"{field}.scale", None)
     for key in ("err2", "norm2", "drift"):
         _num(mod.get(key), f"{field}.{key}", 0.0)
+    if mod.get("held_out_err2") is not None:
+        _num(mod["held_out_err2"], f"{field}.held_out_err2", 0.0)
     if mod.get("init_cosine") is not None and _num(mod["init_cosine"], f"{field}.init_cosine", -1.0) > 1.0:
         raise _Bad(f"{field}.init_cosine", f"must be a cosine, at most 1, got {mod['init_cosine']}")
     for key in ("a_key", "b_key"):
