@@ -8,6 +8,15 @@ remove, combine, export), ``runtime`` (serving a zoo in memory) and ``report``. 
 
 from ._version import __version__
 from .errors import InputError, ShareError, ZooError
-from .zoo import Zoo, merge
 
 __all__ = ["merge", "Zoo", "ShareError", "InputError", "ZooError", "__version__"]
+
+
+def __getattr__(name: str):
+    """``merge`` and ``Zoo`` on first use: importing the package (or running ``--help``, ``list``,
+    ``verify``) does not import torch."""
+    if name in ("merge", "Zoo"):
+        from . import zoo
+
+        return getattr(zoo, name)
+    raise AttributeError(f"module 'sharecompress' has no attribute {name!r}")

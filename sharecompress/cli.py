@@ -28,7 +28,8 @@ app = typer.Typer(
     help="Compress a zoo of LoRA adapters into one shared basis per module plus tiny per-adapter cores.",
 )
 err = Console(stderr=True, soft_wrap=True)
-out = Console()
+# Piped or redirected, every value in full: tables are not cut to 80 columns (``list | grep`` finds names)
+out = Console() if sys.stdout.isatty() else Console(width=1 << 14)
 
 ZooOption = typer.Option(DEFAULT_ZOO, "--zoo", help="Zoo directory.")
 
@@ -72,6 +73,11 @@ def module_progress(enabled: bool, label: str):
             bar.update(task, completed=done, total=total, module=module)
 
         yield update
+
+
+def count(n: int, noun: str) -> str:
+    """``1 adapter``, ``3 adapters``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def shown(value: object) -> str:
@@ -140,7 +146,7 @@ def merge(
         )
     if not quiet and "shard" not in result.manifest:
         render(result.report(), err)
-        err.print(f"wrote zoo [bold]{shown(zoo)}[/] ({len(result.adapters)} adapters, {len(result.modules)} modules)")
+        err.print(f"wrote zoo [bold]{shown(zoo)}[/] ({count(len(result.adapters), 'adapter')}, {count(len(result.modules), 'module')})")
 
 
 def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -186,7 +192,7 @@ def add(
     if not quiet:
         worst = max(drift.items(), key=lambda kv: kv[1], default=None)
         err.print(
-            f"zoo [bold]{shown(zoo)}[/] now holds {len(opened.adapters)} adapters"
+            f"zoo [bold]{shown(zoo)}[/] now holds {count(len(opened.adapters), 'adapter')}"
             + (f"; largest drift of an old adapter {worst[1]:.3g} ({shown(worst[0])})" if worst else ""),
             highlight=False,
         )
@@ -198,6 +204,7 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     max_error: Optional[float] = typer.Option(None, "--max-error", help="Exit 1 when any adapter's relative error is above this."),
     against: Optional[List[str]] = typer.Option(None, "--against", help="Original adapters (repeatable; a directory of them works): recompute their errors exactly."),
+    originals: Optional[List[str]] = typer.Argument(None, help="More originals for --against, so that a shell glob works: report --against sample_adapters/*", show_default=False),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the figures (energy kept vs k per module group, each adapter's error) to this PNG; needs matplotlib: pip install 'sharecompress\\[plot]'."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML page: summary, figures and tables."),
 ) -> None:
@@ -209,7 +216,7 @@ def report(
     with user_errors():
         check_outputs(plot, html, zoo)  # before --against's work: a bad target or no matplotlib fails fast
         opened = Zoo.open(zoo)
-        data = opened.report(against=against)
+        data = opened.report(against=[*(against or []), *(originals or [])] or None)
         written = write_outputs(data, opened.manifest, max_error, plot=plot, html_to=html, title=f"sharecompress report: {zoo}", zoo=zoo)
     if as_json:
         sys.stdout.write(json.dumps(data, indent=1) + "\n")
@@ -300,13 +307,18 @@ def list_(zoo: Path = ZooOption, as_json: bool = typer.Option(False, "--json", h
 
 
 @app.command()
-def verify(zoo: Path = ZooOption) -> None:
+def verify(zoo: Path = ZooOption, as_json: bool = typer.Option(False, "--json", help="{\"problems\": […], \"notes\": […]} on stdout.")) -> None:
     """Check checksums, shapes and the manifest against the files; exit 1 naming any problem."""
     from .store.verify import verify as run_verify
 
     if not zoo.exists():
         raise fail(f"{zoo}: no such zoo directory")
     problems, notes = run_verify(zoo)
+    if as_json:
+        sys.stdout.write(json.dumps({"problems": problems, "notes": notes}, indent=1) + "\n")
+        if problems:
+            raise typer.Exit(1)
+        return
     for note in notes:
         err.print(f"note: {shown(note)}", highlight=False)
     for problem in problems:

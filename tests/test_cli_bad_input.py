@@ -208,3 +208,52 @@ def test_report_on_a_directory_that_is_not_a_zoo(tmp_path):
     result = runner.invoke(app, ["report", "--zoo", str(tmp_path)])
     assert result.exit_code == 2
     assert "not a zoo" in result.stderr
+
+
+def test_flags_are_named_in_errors_and_counts_read_right(tmp_path):
+    from typer.testing import CliRunner
+
+    from sharecompress.cli import app
+    from factories import random_factors, write_peft_adapter
+
+    src = str(write_peft_adapter(tmp_path / "only", random_factors({"layers.0.q_proj": (8, 6)}, 2, seed=0)))
+    runner = CliRunner()
+    assert "-k must be at least 1" in runner.invoke(app, ["merge", src, "--zoo", str(tmp_path / "z"), "-k", "0"]).output
+    assert "--dtype fp16: choose auto, float32" in runner.invoke(app, ["merge", src, "--zoo", str(tmp_path / "z"), "--dtype", "fp16"]).output
+    done = runner.invoke(app, ["merge", src, "--zoo", str(tmp_path / "z"), "-k", "2"])
+    assert "(1 adapter, 1 module)" in done.output
+
+
+def test_report_takes_several_originals_after_against_and_verify_speaks_json(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from sharecompress.cli import app
+    from factories import random_factors, write_peft_adapter
+
+    modules = {"layers.0.q_proj": (12, 10)}
+    paths = [str(write_peft_adapter(tmp_path / f"a{i}", random_factors(modules, 2, seed=i))) for i in range(3)]
+    runner = CliRunner()
+    zoo = str(tmp_path / "zoo")
+    runner.invoke(app, ["merge", *paths[:2], "--zoo", zoo, "-k", "1", "-q"])
+    runner.invoke(app, ["add", paths[2], "--zoo", zoo, "-q"])
+    out = runner.invoke(app, ["report", "--zoo", zoo, "--json", "--against", *paths])  # as a shell glob expands
+    assert out.exit_code == 0, out.output
+    assert all(a["exact"] for a in json.loads(out.output)["adapters"])
+    checked = runner.invoke(app, ["verify", "--zoo", zoo, "--json"])
+    assert checked.exit_code == 0 and json.loads(checked.output) == {"problems": [], "notes": []}
+
+
+def test_piped_list_prints_every_name_in_full(tmp_path):
+    from typer.testing import CliRunner
+
+    from sharecompress.cli import app
+    from factories import random_factors, write_peft_adapter
+
+    name = "a_rather_long_adapter_name_that_an_eighty_column_table_would_cut_short_" + "x" * 20
+    src = str(write_peft_adapter(tmp_path / name, random_factors({"layers.0.q_proj": (8, 6)}, 2, seed=0)))
+    runner = CliRunner()
+    runner.invoke(app, ["merge", src, "--zoo", str(tmp_path / "zoo"), "-k", "2", "-q"])
+    listed = runner.invoke(app, ["list", "--zoo", str(tmp_path / "zoo")])
+    assert name in listed.output and str(tmp_path / name) in listed.output

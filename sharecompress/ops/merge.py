@@ -34,7 +34,7 @@ def storage_dtype(adapters: list[Adapter], requested: str) -> str:
     """``auto``: the inputs' own float type when they all share one, else float32."""
     if requested != "auto":
         if requested not in STORE_DTYPES:
-            raise ValueError(f"unknown dtype {requested!r}")
+            raise ValueError(f"--dtype {requested}: choose auto, {', '.join(STORE_DTYPES)}")
         return requested
     kinds = {_SOURCE_DTYPE.get(m.dtype, "float32") for a in adapters for m in a.modules.values()}
     return kinds.pop() if len(kinds) == 1 else "float32"
@@ -132,13 +132,13 @@ def merge(
     if k is not None and energy is not None:
         raise ValueError("give either k or energy, not both")
     if k is not None and k < 1:
-        raise ValueError("k must be at least 1")
+        raise ValueError("-k must be at least 1")
     if energy is not None and not 0.0 < energy <= 1.0:
-        raise ValueError("energy must be in (0, 1]")
+        raise ValueError("--energy must be in (0, 1]")
     if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}")
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}")
     if p is not None and p < 1:
-        raise ValueError("p must be at least 1")
+        raise ValueError("--p must be at least 1")
     if sweeps < 0:
         raise ValueError("--sweeps must be 0 or more")
     rule = KRule(k=k, energy=None if k is not None else (energy if energy is not None else DEFAULT_ENERGY))

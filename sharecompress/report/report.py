@@ -151,8 +151,9 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
             f"held out: median error {outside:.4g} on bases fit without the adapter, against {inside:.4g} in the zoo "
             f"(merge's leave-one-out over {len(held)} adapters): "
             + ("an adapter trained apart from these fits their subspace about as well" if outside <= 1.5 * inside + 0.05 else
-               "an adapter trained apart from these lies largely outside their subspace, so add will grow k for it "
-               "(training a new task inside the subspace, rt.new_adapter, is another matter)")
+               "an adapter trained apart from these lies largely outside their subspace: added as it is, it would fit "
+               "poorly unless k grows (add --grow auto on an energy-rule zoo); training a new task inside the subspace "
+               "(rt.new_adapter) is another matter")
         )
     twins = [a["name"] for a in report["adapters"] if (a.get("init_similarity") or 0.0) >= SHARED_INIT]
     if len(twins) >= 2:
