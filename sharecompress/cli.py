@@ -283,14 +283,14 @@ def list_(zoo: Path = ZooOption, as_json: bool = typer.Option(False, "--json", h
     """The adapters in a zoo."""
     from rich.table import Table
 
-    from .zoo import Zoo
+    from .store.manifest import read_manifest
 
     with user_errors():
-        opened = Zoo.open(zoo)
+        adapters = read_manifest(zoo)["adapters"]  # the manifest alone: no tensor read, torch not imported
     rows = [
         {"name": e["name"], "rank": e["rank"], "p": e.get("p"), "error_bound": e.get("error_bound"),
          "added": e.get("added"), "source": e.get("source")}
-        for e in opened.adapters
+        for e in adapters
     ]
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
@@ -298,11 +298,11 @@ def list_(zoo: Path = ZooOption, as_json: bool = typer.Option(False, "--json", h
     table = Table(title=f"{shown(zoo)}: {len(rows)} adapters", title_justify="left")
     for col in ("name", "rank", "p", "rel. error", "added", "source"):
         table.add_column(col)
-    for r, e in zip(rows, opened.adapters):
+    for r, e in zip(rows, adapters):
         error = f"{'' if e.get('exact', True) else '≤ '}{r['error_bound']:.4g}"
         table.add_row(*(shown(x) for x in (r["name"], r["rank"], r["p"], error, r["added"], r["source"])))
     out.print(table)
-    if not all(e.get("exact", True) for e in opened.adapters):
+    if not all(e.get("exact", True) for e in adapters):
         err.print("≤: an upper bound (the adapter moved in later adds); report --against the originals gives exact errors")
 
 

@@ -257,3 +257,19 @@ def test_piped_list_prints_every_name_in_full(tmp_path):
     runner.invoke(app, ["merge", src, "--zoo", str(tmp_path / "zoo"), "-k", "2", "-q"])
     listed = runner.invoke(app, ["list", "--zoo", str(tmp_path / "zoo")])
     assert name in listed.output and str(tmp_path / name) in listed.output
+
+
+def test_help_and_list_do_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    from factories import random_factors, write_peft_adapter
+    import sharecompress
+
+    src = str(write_peft_adapter(tmp_path / "a", random_factors({"layers.0.q_proj": (8, 6)}, 2, seed=0)))
+    sharecompress.merge([src], tmp_path / "zoo", k=2)
+    for args in (["--help"], ["merge", "--help"], ["list", "--zoo", str(tmp_path / "zoo")]):
+        code = ("import sys\nfrom sharecompress.cli import app\ntry:\n    app(%r)\nexcept SystemExit as e:\n"
+                "    assert not e.code, e.code\nassert 'torch' not in sys.modules, 'torch imported'\n" % (args,))
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.returncode == 0, (args, done.stderr[-500:])

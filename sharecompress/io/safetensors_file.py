@@ -18,26 +18,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import torch
+from typing import TYPE_CHECKING
 
 from . import jsonio
 from .confined import open_regular
 from ..errors import InputError, StorageError
 
+if TYPE_CHECKING:
+    import torch
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-}
+SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """The torch dtype of a safetensors dtype name (torch is imported here, when a tensor is read:
+    parsing a header, and the commands that only read manifests, never import it)."""
+    import torch
+
+    return getattr(torch, {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}[name])
+
+
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 
@@ -155,7 +158,7 @@ class SafetensorsFile:
         if not isinstance(entry, dict):
             raise self._fail(f"invalid safetensors header entry for tensor {name!r}")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
+        if dtype not in SIZES:
             raise self._fail(f"tensor {name!r} has unsupported dtype {dtype!r}")
         if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
             raise self._fail(f"tensor {name!r} has an invalid shape {shape!r}")
@@ -169,7 +172,7 @@ class SafetensorsFile:
         numel = 1
         for s in shape:
             numel *= s
-        if offsets[1] - offsets[0] != numel * DTYPES[dtype][1]:
+        if offsets[1] - offsets[0] != numel * SIZES[dtype]:
             raise self._fail(
                 f"tensor {name!r}: {offsets[1] - offsets[0]} bytes stored for shape {shape} {dtype}"
             )
@@ -180,12 +183,14 @@ class SafetensorsFile:
     def read(self, name: str) -> torch.Tensor:
         """The tensor as stored (its own dtype), in fresh writable memory."""
         info = self.tensors[name]
-        torch_dtype = DTYPES[info.dtype][0]
+        import torch
+
+        dtype = torch_dtype(info.dtype)
         if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=torch_dtype)
+            return torch.empty(info.shape, dtype=dtype)
         if self._data is not None:
             buf = bytearray(self._data[info.start : info.end])
-            return torch.frombuffer(buf, dtype=torch_dtype).reshape(info.shape)
+            return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
         buf = bytearray(info.nbytes)
         view = memoryview(buf)
         try:
@@ -201,7 +206,7 @@ class SafetensorsFile:
                 os.close(fd)
         except OSError as exc:
             raise self._fail(f"cannot read tensor {name!r}: {exc.strerror or exc}") from None
-        return torch.frombuffer(buf, dtype=torch_dtype).reshape(info.shape)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
     def sha256(self) -> str:
         """Digest of the whole file: identifies an adapter whatever it is called."""
@@ -218,27 +223,27 @@ class SafetensorsFile:
         return digest.hexdigest()
 
 
-_DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
-
-
 def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Iterator[memoryview]:
     """A .safetensors file as chunks (header, then each tensor's bytes): no copy of the whole file.
 
     The layout is the library's (8-byte length, JSON header padded to 8 bytes, tensors tiling
     the data in order), and ``tests/test_safety.py`` reads the result back with the library.
     """
+    import torch
+
     if sys.byteorder != "little":  # safetensors is little-endian; the raw views below are native
         raise RuntimeError("writing safetensors files needs a little-endian machine")
+    dtype_names = {torch_dtype(name): name for name in SIZES}
     names = sorted(tensors)
     header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     flat: list[torch.Tensor] = []
     for name in names:
         t = tensors[name].detach().to("cpu").contiguous()
-        if t.dtype not in _DTYPE_NAMES:
+        if t.dtype not in dtype_names:
             raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored")
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
         flat.append(t)
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")

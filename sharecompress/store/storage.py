@@ -8,6 +8,8 @@ at any instant the target holds the old content or the new.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import ctypes
 import errno
 import fcntl
@@ -23,7 +25,9 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from ..io.confined import Dir, iter_chunks, os_problem
 from ..errors import StorageError, ZooError
@@ -44,7 +48,7 @@ def json_bytes(obj: object) -> bytes:
     return (json.dumps(obj, separators=(",", ":"), sort_keys=False) + "\n").encode("utf-8")
 
 
-def save_tensors(where: Dir, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+def save_tensors(where: Dir, name: str, tensors: dict[str, "torch.Tensor"], metadata: dict[str, str] | None = None) -> str:
     """A new .safetensors file ``name`` in ``where``; returns its sha256 (hashed as written)."""
     return where.write_new(name, encode(tensors, metadata))
 
