@@ -289,7 +289,7 @@ def list_(zoo: Path = ZooOption, as_json: bool = typer.Option(False, "--json", h
         adapters = read_manifest(zoo)["adapters"]  # the manifest alone: no tensor read, torch not imported
     rows = [
         {"name": e["name"], "rank": e["rank"], "p": e.get("p"), "error_bound": e.get("error_bound"),
-         "added": e.get("added"), "source": e.get("source")}
+         "exact": e.get("exact", True), "added": e.get("added"), "source": e.get("source")}
         for e in adapters
     ]
     if as_json:

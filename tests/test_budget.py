@@ -125,3 +125,59 @@ def test_add_holds_a_budgeted_zoos_k_and_the_report_says_where_it_stands(tmp_pat
     assert {m: (i["k_u"], i["k_v"]) for m, i in zoo.modules.items()} == ks
     out = CliRunner().invoke(app, ["report", "--zoo", str(tmp_path / "zoo")])
     assert "size budget 5.0 kB" in out.output and ("over it by" in out.output or "within it" in out.output)
+
+
+def test_a_budgets_core_ranks_hold_through_add_and_commit(tmp_path):
+    from factories import TinyNet, tiny_zoo
+
+    _, sources = tiny_zoo(tmp_path / "tiny")
+    tiny = sharecompress.merge(sources, tmp_path / "tiny_zoo", budget="1kB")
+    rt = tiny.attach(TinyNet())
+    with torch.no_grad():
+        for p in rt.new_adapter("new", verbose=False):
+            p.normal_()
+    assert rt.commit("new")["path"] == "in-span"
+    tiny.reload()
+    assert all(tiny.adapter("new")["modules"][m]["p"] <= info["p"] for m, info in tiny.modules.items())
+
+    paths = heterogeneous(tmp_path)
+    zoo = sharecompress.merge(paths[:5], tmp_path / "zoo", budget="9kB")
+    chosen = {m: info["p"] for m, info in zoo.modules.items()}
+    assert all(q >= 1 for q in chosen.values())
+    zoo.add([paths[5]])
+    for module, q in chosen.items():
+        assert zoo.modules[module]["p"] == q
+        assert zoo.adapter("a5")["modules"][module]["p"] <= q  # the new adapter's cores keep the budget's rank
+
+
+def test_a_budget_never_buys_directions_no_core_can_use(tmp_path):
+    paths = heterogeneous(tmp_path)[:4]
+    zoo = sharecompress.merge(paths, tmp_path / "zoo", budget="40kB", p=1)
+    for module, info in zoo.modules.items():
+        usable = sum(min(1, e["rank"]) for e in zoo.adapters if module in e["modules"])
+        assert max(info["k_u"], info["k_v"]) <= usable
+    before = {m: (i["k_u"], i["k_v"]) for m, i in zoo.modules.items()}
+    zoo.add([heterogeneous(tmp_path / "more")[4]])
+    assert {m: (i["k_u"], i["k_v"]) for m, i in zoo.modules.items()} == before
+
+
+@pytest.mark.parametrize("text", ["1.9", "0.5B"])
+def test_a_fraction_of_a_byte_is_refused(text):
+    with pytest.raises(ValueError, match="whole number"):
+        parse_size(text)
+
+
+def test_units_are_read_case_blind():
+    assert parse_size("2KI") == parse_size("2ki") == 2048
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_allocation_never_passes_the_budget(seed):
+    gen = torch.Generator().manual_seed(seed)
+    spectra = {f"m{i}": ModuleSpectrum(int(n), int(d), [2, 3, 1], torch.randn(3, 6, 6, generator=gen, dtype=torch.float64))
+               for i, (n, d) in enumerate(torch.randint(8, 40, (5, 2), generator=gen).tolist())}
+    for budget in (300, 700, 1500):
+        if budget < sum(module_numbers(s, 1, 1, 1) for s in spectra.values()):
+            continue
+        got = allocate(spectra, budget)
+        assert sum(module_numbers(spectra[m], *got[m]) for m in spectra) <= budget

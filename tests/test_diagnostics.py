@@ -30,7 +30,7 @@ def adapters(tmp_path, shared: bool, count: int = 4):
 def test_nearest_twin_is_the_largest_cosine_with_another_adapter_of_the_same_shape():
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     got = nearest_twin([a, a * 3, -a, torch.ones(1, 2)])
-    assert got[0] == got[1] == 1.0 and abs(got[2] + 1.0) < 1e-6 and got[3] == 0.0
+    assert got[0] == got[1] == 1.0 and abs(got[2] + 1.0) < 1e-6 and got[3] is None
 
 
 def test_a_shared_initialisation_is_reported_and_independent_ones_are_not(tmp_path):
@@ -78,4 +78,22 @@ def test_the_report_shows_the_held_out_error_next_to_the_zoos(tmp_path):
     report = zoo.report()
     assert all(a["held_out_error"] >= a["relative_error"] - 1e-9 for a in report["adapters"])
     out = CliRunner().invoke(app, ["report", "--zoo", str(tmp_path / "zoo")]).output
-    assert "held out: median error" in out
+    assert "held out (at merge, 4 adapters): median error" in out
+
+
+def test_held_out_bases_never_borrow_the_adapters_own_directions():
+    """k above the others' rank: the bases hold what the others have, nothing of the held-out adapter."""
+    from factories import dense_delta, random_factors
+
+    from sharecompress.core.diagnostics import held_out_errors
+
+    factors = [random_factors({"m": (12, 12)}, 2, seed=s)["m"] for s in range(3)]
+    got = held_out_errors(factors, [1.0, 1.0, 1.0], 6, 6)
+    for t, (b, a) in enumerate(factors):
+        delta = dense_delta(b, a, 1.0)
+        others = [dense_delta(*factors[i], 1.0) for i in range(3) if i != t]
+        U = torch.linalg.svd(torch.cat(others, dim=1))[0][:, :4]  # the others' whole column space (rank 4)
+        V = torch.linalg.svd(torch.cat([d.T for d in others], dim=1))[0][:, :4]
+        want = float((delta - U @ U.T @ delta @ V @ V.T).pow(2).sum())
+        assert got[t] > 0.5 * float(delta.pow(2).sum())
+        assert abs(got[t] - want) <= 1e-8 * float(delta.pow(2).sum()), t

@@ -512,3 +512,20 @@ def test_attach_and_start_under_inference_mode_still_train(zoo_dir):
         params = rt.new_adapter("new", extra=1, heads=["head"], verbose=False)
     model(*TinyNet.inputs()).sum().backward()
     assert all(p.grad is not None for p in params)
+
+
+def test_new_directions_grow_only_the_modules_that_used_them(zoo_dir):
+    path, _ = zoo_dir
+    zoo = Zoo.open(path)
+    ks = {m: (info["k_u"], info["k_v"]) for m, info in zoo.modules.items()}
+    model = TinyNet()
+    rt = zoo.attach(model)
+    rt.new_adapter("new", extra=1, verbose=False)
+    q_proj = "base_model.model.q_proj"
+    live = rt.modules[q_proj][1].live
+    with torch.no_grad():
+        live.core.normal_()  # only q_proj trained; the other modules' cores stay zero
+    assert rt.commit("new")["path"] == "add"
+    after = {m: (info["k_u"], info["k_v"]) for m, info in Zoo.open(path).modules.items()}
+    assert after[q_proj] == (ks[q_proj][0] + 1, ks[q_proj][1] + 1)
+    assert all(after[m] == ks[m] for m in ks if m != q_proj)

@@ -29,11 +29,13 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 def parse_size(text: str) -> int:
     """``3MB``, ``1.5GB``, ``512KiB``, ``2000000`` → bytes (k, M, G, T are powers of 1000; Ki, Mi, … of 1024)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]i?[bB]?|[bB]?)\s*", str(text))
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b?)\s*", str(text), re.IGNORECASE)
     if not match:
         raise ValueError(f"{text!r} is not a size: give e.g. 3MB, 1.5GB or 512KiB")
     unit = match.group(2).lower()
     unit = unit if unit.endswith("b") or unit == "" else unit + "b"
+    if _UNITS[unit] == 1 and "." in match.group(1):
+        raise ValueError(f"{text!r}: a number of bytes is a whole number")
     value = float(match.group(1)) * _UNITS[unit]
     if not value >= 1:
         raise ValueError(f"{text!r}: a budget must be at least one byte")
@@ -75,6 +77,7 @@ def module_numbers(spec: ModuleSpectrum, ku: int, kv: int, p: int | None) -> int
 MOVES = ((1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1))  # one more on U, on V, on both, or in each core's rank
 BACK = (*MOVES, (1, 0, 1), (0, 1, 1), (1, 1, 1), (2, 0, 0), (0, 2, 0), (0, 0, 2))  # what an exchange may take back
 MAX_ROUNDS = 20
+EXCHANGE_TRIES = 48
 
 
 def allocate(spectra: dict[str, ModuleSpectrum], budget_numbers: int, p: int | None = None) -> dict[str, tuple[int, int, int]]:
@@ -96,6 +99,11 @@ def allocate(spectra: dict[str, ModuleSpectrum], budget_numbers: int, p: int | N
     def numbers(module: str, state: tuple[int, int, int]) -> int:
         return module_numbers(spectra[module], *state)
 
+    def usable(module: str, q: int) -> int:
+        """Directions the cores can use at pseudo-rank q: the sum of their ranks (a merge's bases
+        beyond it would hold nothing, and the next ``add`` would cut them)."""
+        return sum(min(q, r) for r in spectra[module].ranks)
+
     def fill(state: dict[str, tuple[int, int, int]], frozen: tuple[str, tuple[int, int, int]] | None = None) -> dict:
         """Greedy from ``state``; ``frozen`` = (module, axes) whose axes may not grow."""
         state = dict(state)
@@ -110,6 +118,8 @@ def allocate(spectra: dict[str, ModuleSpectrum], budget_numbers: int, p: int | N
                 if any(g > t for g, t in zip(grown, top[module])) or (
                         frozen and frozen[0] == module and any(a and b for a, b in zip(move, frozen[1]))):
                     continue
+                if max(grown[:2]) > usable(module, grown[2]):
+                    continue  # no core of this p could use another direction
                 ratio = (kept(module, grown) - kept(module, now)) / max(numbers(module, grown) - numbers(module, now), 1)
                 heapq.heappush(heap, (-ratio, module, grown, version[module]))
 
@@ -136,14 +146,29 @@ def allocate(spectra: dict[str, ModuleSpectrum], budget_numbers: int, p: int | N
     value = sum(kept(m, st) for m, st in best.items())
     for _ in range(MAX_ROUNDS):
         improved = False
-        for module, back in [(m, move) for m in spectra for move in BACK]:
-            lowered = tuple(v - b for v, b in zip(best[module], back))
-            if min(lowered) < 1:
-                continue
+        for module, back, now, lowered in _cheapest_units(best, kept, numbers, usable):
+            if best[module] != now:
+                continue  # this module moved in an earlier exchange of the round
             trial = fill({**best, module: lowered}, (module, back))
             trial_value = sum(kept(m, st) for m, st in trial.items())
-            if trial_value > value * (1 + 1e-12):
+            fits = sum(numbers(m, st) for m, st in trial.items()) <= budget_numbers
+            if fits and trial_value > value * (1 + 1e-12):
                 best, value, improved = trial, trial_value, True
         if not improved:
             break
     return best
+
+
+def _cheapest_units(state, kept, numbers, usable) -> list:
+    """The units an exchange may take back, least energy per number first, at most ``EXCHANGE_TRIES``:
+    trying every one of every module costs (modules)² per round."""
+    found = []
+    for module, now in state.items():
+        for back in BACK:
+            lowered = tuple(v - b for v, b in zip(now, back))
+            if min(lowered) < 1 or max(lowered[:2]) > usable(module, lowered[2]):
+                continue
+            freed = numbers(module, now) - numbers(module, lowered)
+            found.append(((kept(module, now) - kept(module, lowered)) / max(freed, 1), module, back, lowered))
+    found.sort(key=lambda item: item[0])
+    return [(module, back, state[module], lowered) for _, module, back, lowered in found[:EXCHANGE_TRIES]]

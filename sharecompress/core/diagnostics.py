@@ -13,13 +13,13 @@ import torch
 SKETCH = 256  # random projections of each flattened lora_A: cosines to about ±0.1, whatever r·d
 
 
-def nearest_twin(As: list[torch.Tensor], seed: int = 0) -> list[float]:
-    """For each A_t (r_t × d), its largest cosine with another adapter's A of the same shape (0 when none).
+def nearest_twin(As: list[torch.Tensor], seed: int = 0) -> list[float | None]:
+    """For each A_t (r_t × d), its largest cosine with another adapter's A of the same shape (None when none).
 
     Compared as flattened matrices (a shared init shares its gauge too), through a common random
     sketch of width 256 when r·d is larger, so the cost is T·r·d + T²·256.
     """
-    out = [0.0] * len(As)
+    out: list[float | None] = [None] * len(As)
     groups: dict[tuple[int, ...], list[int]] = {}
     for t, A in enumerate(As):
         groups.setdefault(tuple(A.shape), []).append(t)
@@ -38,7 +38,10 @@ def nearest_twin(As: list[torch.Tensor], seed: int = 0) -> list[float]:
     return out
 
 
-LOO_LIMIT = 512  # total rank of a module above which held-out errors are not computed (T eigen-solves of that size)
+# Held-out errors cost T eigen-solves of the module's total rank: computed where T·(Σr)³ stays
+# below this (about a tenth of a second per module on one core), left out above it.
+LOO_WORK = 2 * 10**8
+NOISE = 1e-12  # eigenvalues below this share of the largest are rounding, not a direction
 
 
 def held_out_errors(factors: list[tuple[torch.Tensor, torch.Tensor]], scales: list[float], ku: int, kv: int) -> list[float] | None:
@@ -48,12 +51,13 @@ def held_out_errors(factors: list[tuple[torch.Tensor, torch.Tensor]], scales: li
     t out subtracts its columns' Gram R_t·R_tᵀ, and the top-k eigenvectors of what is left give
     the bases the other adapters alone would choose (before refinement). The error is then the
     adapter's energy outside U_{-t} ⊗ V_{-t}: ‖ΔW_t‖² − ‖U_{-t}ᵀ·ΔW_t·V_{-t}‖², from factors only.
-    None when the module's total rank is above ``LOO_LIMIT``.
+    None when T·(Σr)³ is above ``LOO_WORK``. Bases never take more directions than the other
+    adapters have (k beyond their rank would hand t its own).
     """
     from . import linalg
 
     total = sum(b.shape[1] for b, _ in factors)
-    if total > LOO_LIMIT or len(factors) < 2:
+    if len(factors) < 2 or len(factors) * total**3 > LOO_WORK:
         return None
     B = [b.double() for b, _ in factors]
     A = [a.double() for _, a in factors]
@@ -71,8 +75,12 @@ def held_out_errors(factors: list[tuple[torch.Tensor, torch.Tensor]], scales: li
         for (Q, R, widths), k in zip(sides, (ku, kv)):
             start = sum(widths[:t])
             keep = torch.cat([R[:, :start], R[:, start + widths[t]:]], dim=1)
-            evals, evecs = torch.linalg.eigh(keep @ keep.T)
-            bases.append(Q @ evecs[:, -min(k, evecs.shape[1]):])
+            with linalg.one_thread():
+                evals, evecs = torch.linalg.eigh(keep @ keep.T)
+            # only the directions the others have: Q also spans t's own, which must not leak in
+            have = int((evals > NOISE * float(evals[-1].clamp_min(0.0))).sum()) if evals.numel() and float(evals[-1]) > 0 else 0
+            take = min(k, have)
+            bases.append(Q @ evecs[:, evecs.shape[1] - take:])
         U, V = bases
         core = (U.T @ B[t]) * s[t] @ (A[t] @ V)
         norm2 = float((s[t] ** 2) * ((B[t].T @ B[t]) * (A[t] @ A[t].T)).sum())

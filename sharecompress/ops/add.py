@@ -186,7 +186,7 @@ def add_adapters(
                 holders = {t: cores[t][module] for t in cores if module in cores[t]}
                 U2, V2, moved, drifts, new, curve, sweeps_done = fold_module(
                     U, V, holders, b, a, spec.scale, rule, manifest.get("method", "share"),
-                    manifest.get("sweeps", 3), manifest.get("p"), store,
+                    manifest.get("sweeps", 3), (info or {}).get("p") or manifest.get("p"), store,
                 )
                 check_finite(adapter.source, module, (U2, V2, new[0], new[1], *(x for pair in moved.values() for x in pair)),
                              (new[2], new[3], *drifts.values()))

@@ -136,7 +136,7 @@ def _commit_in_span(tx: Transaction, adapter: Adapter, modules: dict[str, Traine
     entry = adapter_entry(adapter)
     tensors = {}
     for module, m in modules.items():
-        E, F = core_factors(m.C, manifest.get("p"))
+        E, F = core_factors(m.C, manifest["modules"][module].get("p") or manifest.get("p"))
         E, F = E.to(store), F.to(store)
         Uz, Vz = (t.to(f64) for t in bases[module])
         X1, Y1 = m.U.to(f64) @ m.C.to(f64), m.V.to(f64).mT  # the update as trained

@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..core.budget import ModuleSpectrum, allocate, module_numbers, parse_size
+from ..core.budget import ModuleSpectrum, allocate, parse_size
 from ..core.compress import METHODS, KRule, ModuleResult, compress_batch, spectrum
 from ..core.diagnostics import held_out_errors, nearest_twin
 from ..errors import InputError, ZooError
@@ -165,12 +165,13 @@ def merge(
         original = sum(a.lora_bytes for a in adapters)
         limit = budget if budget is not None else int(original / ratio)
         size = torch.empty((), dtype=store).element_size()
-        spectra = _spectra(adapters, shapes, batches, progress)
-        smallest = size * sum(module_numbers(s, 1, 1, 1) for s in spectra.values())
+        # k = p = 1 everywhere: n + d + 2 numbers per adapter and module (known before any factor is read)
+        smallest = size * sum(n + d + 2 * sum(m in a.modules for a in adapters) for m, (n, d) in shapes.items())
         if smallest > limit:
             flag = "--budget" if budget is not None else f"--ratio {ratio:g}"
             raise ValueError(f"{flag}: {limit:,} bytes, but the smallest zoo of these adapters (k = 1 for every module) "
                              f"takes {smallest:,}")
+        spectra = _spectra(adapters, shapes, batches, progress)
         ks = allocate(spectra, limit // size, p)
         rule = {m: KRule(sides=ks[m][:2]) for m in shapes}
         core_p = {m: ks[m][2] for m in shapes}
@@ -180,6 +181,8 @@ def merge(
         manifest = _build(adapters, shapes, batches, rule, method, sweeps, core_p or p, store, staging, progress, compute_on, with_extras)
         if shard is not None:
             manifest["shard"] = {"index": shard[0], "count": shard[1]}
+        for module, q in (core_p or {}).items():
+            manifest["modules"][module]["p"] = q  # a budget's core rank per module: add and commit keep it
         manifest.update(
             base_model=base_model,
             method=method,
@@ -270,7 +273,8 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
                 pending = reader.submit(_load, holders_of, batches[i + 1])
             for m, factors in zip(batch, loaded):
                 for a, cosine in zip(holders_of[m], nearest_twin([A for _, A in factors])):
-                    twins[a.name, m] = round(cosine, 4)
+                    if cosine is not None:
+                        twins[a.name, m] = round(cosine, 4)
             jobs = [(factors, [a.modules[m].scale for a in holders_of[m]]) for m, factors in zip(batch, loaded)]
             del loaded
             per = lambda x: [x[m] for m in batch] if isinstance(x, dict) else x  # noqa: E731  (a budget's per-module k and p)
@@ -300,7 +304,8 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
             entry["extras"], entry["bytes_extras"] = [], 0
     for entry in entries.values():
         for module, mod in entry["modules"].items():
-            mod["init_cosine"] = twins[entry["name"], module]
+            if (entry["name"], module) in twins:
+                mod["init_cosine"] = twins[entry["name"], module]
             if (entry["name"], module) in loo:
                 mod["held_out_err2"] = loo[entry["name"], module]
         finish_adapter_entry(entry)

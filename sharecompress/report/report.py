@@ -143,17 +143,14 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
         console.print(f"size budget {human_bytes(report['budget'])} (merge --budget): "
                       + (f"[bold red]over it by {human_bytes(report['bytes_compressed'] - report['budget'])}[/] "
                          "(adds hold each k; merge again to reallocate)" if over else "within it"))
-    held = [(a["held_out_error"], a["relative_error"]) for a in report["adapters"] if a.get("held_out_error") is not None]
+    held = [(a["held_out_error"], a["merge_error"]) for a in report["adapters"] if a.get("held_out_error") is not None]
     if held:
         outside = sorted(h for h, _ in held)[len(held) // 2]
         inside = sorted(e for _, e in held)[len(held) // 2]
         console.print(
-            f"held out: median error {outside:.4g} on bases fit without the adapter, against {inside:.4g} in the zoo "
-            f"(merge's leave-one-out over {len(held)} adapters): "
-            + ("an adapter trained apart from these fits their subspace about as well" if outside <= 1.5 * inside + 0.05 else
-               "an adapter trained apart from these lies largely outside their subspace: added as it is, it would fit "
-               "poorly unless k grows (add --grow auto on an energy-rule zoo); training a new task inside the subspace "
-               "(rt.new_adapter) is another matter")
+            f"held out (at merge, {len(held)} adapters): median error {outside:.4g} on bases of the same k fit without "
+            f"the adapter, against {inside:.4g} with it: how far an adapter trained apart from the others lies "
+            "outside their subspace"
         )
     twins = [a["name"] for a in report["adapters"] if (a.get("init_similarity") or 0.0) >= SHARED_INIT]
     if len(twins) >= 2:

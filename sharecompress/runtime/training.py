@@ -161,8 +161,12 @@ def collect(rt: "Runtime", training: Training) -> tuple[dict[str, TrainedModule]
         # was made for, whichever submodule this runtime is attached to), else the model's
         key = module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module
         key = key if layouts[module] == "peft" else target
-        modules[module] = TrainedModule(key, kind, U, C, V, extra=(live.extra_u, live.extra_v),
-                                        kernel=getattr(wrapper, "kernel_shape", ()))
+        ku, kv = wrapper.bank.U.shape[1], wrapper.bank.V.shape[1]
+        # new directions the training never used (their blocks of C still exactly zero) are not new
+        extra = (live.extra_u if _moved(C[ku:]) else 0, live.extra_v if _moved(C[:, kv:]) else 0)
+        if extra == (0, 0):
+            U, V, C = U[:, :ku], V[:, :kv], C[:ku, :kv]
+        modules[module] = TrainedModule(key, kind, U, C, V, extra=extra, kernel=getattr(wrapper, "kernel_shape", ()))
     prefix = model_prefix(rt)
     heads = {}
     for head, switch in training.heads.items():
@@ -179,6 +183,10 @@ def collect(rt: "Runtime", training: Training) -> tuple[dict[str, TrainedModule]
         "inference_mode": True, "bias": "none",
     }
     return modules, heads, config
+
+
+def _moved(block: torch.Tensor) -> bool:
+    return block.numel() > 0 and bool(block.abs().max() > 0)
 
 
 def model_prefix(rt: "Runtime") -> str:

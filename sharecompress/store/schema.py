@@ -145,6 +145,8 @@ def _check_module(name: str, info: Any) -> None:
         raise _Bad(f"{field}.k", f"must be max(k_u, k_v) = {max(ku, kv)}, got {info['k']}")
     _int(info.get("adapters", 0), f"{field}.adapters", 0, 1 << 40)
     _int(info.get("sweeps", 0), f"{field}.sweeps", 0, 1 << 20)
+    if info.get("p") is not None:
+        _int(info["p"], f"{field}.p", 1, max(n, d))
     for key in ("energy_total", "energy_kept"):
         _num(info.get(key), f"{field}.{key}", None)
     curve = _obj(info.get("energy_curve", []), f"{field}.energy_curve", list)
