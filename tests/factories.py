@@ -204,3 +204,16 @@ def tiny_zoo(tmp_path: Path, count: int = 3, k: int = 2) -> tuple[Path, list[str
         sources.append(str(src))
     sharecompress.merge(sources[: count - 1] if count > 1 else sources, tmp_path / "zoo", k=k)
     return tmp_path / "zoo", sources
+
+
+def kill_when_paused(proc, step: str) -> None:
+    """Wait until the writer ``proc`` (started with SHARECOMPRESS_PAUSE_AT=step:…) says it paused at
+    ``step``, then SIGKILL it: a crash at exactly that point of its transaction."""
+    import signal
+
+    line = proc.stderr.readline()
+    while line and "paused at" not in line:
+        line = proc.stderr.readline()
+    assert f"paused at {step}" in line, line
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

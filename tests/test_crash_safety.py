@@ -3,7 +3,6 @@
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import sharecompress
 from sharecompress import Zoo
 from sharecompress.store.verify import verify
 
-from factories import random_factors, write_peft_adapter
+from factories import kill_when_paused, random_factors, write_peft_adapter
 
 MODULES = {"layers.0.q_proj": (20, 16), "layers.0.v_proj": (20, 16), "layers.1.q_proj": (20, 16)}
 
@@ -55,10 +54,7 @@ def test_kill_at_each_step(tmp_path, zoo_and_new, step):
     before = snapshot(zoo_dir)
     after = after_state(tmp_path, zoo_dir, source)
     proc = start_add(zoo_dir, source, f"{step}:30")
-    line = proc.stderr.readline()
-    assert f"paused at {step}" in line, line
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_paused(proc, step)
     problems, _ = verify(zoo_dir)
     assert problems == []
     state = snapshot(zoo_dir)

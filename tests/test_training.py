@@ -4,7 +4,6 @@ Every figure is checked against the dense update the training made (U_full·C·V
 """
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ from sharecompress import Zoo
 from sharecompress.errors import ZooError
 from sharecompress.store.verify import verify
 
-from factories import TinyNet, tiny_zoo
+from factories import TinyNet, kill_when_paused, tiny_zoo
 
 f64 = torch.float64
 TESTS = Path(__file__).resolve().parent
@@ -312,12 +311,7 @@ def test_a_kill_during_commit_leaves_the_zoo_valid(zoo_dir, tmp_path, extra, ste
     before, after = snapshot(path), snapshot(reference)
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, SHARECOMPRESS_PAUSE_AT=f"{step}:30"))
-    line = proc.stderr.readline()
-    while line and "paused at" not in line:
-        line = proc.stderr.readline()
-    assert f"paused at {step}" in line, line
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_paused(proc, step)
     problems, _ = verify(path)
     assert problems == []
     now = snapshot(path)
