@@ -116,6 +116,9 @@ def merge(
     ``shard=(i, n)`` (1 ≤ i ≤ n) computes only every n-th batch of modules (see ``plan_batches``),
     starting with the i-th, into a partial zoo; ``combine`` joins the n parts into the zoo an unsharded merge writes.
     ``layout`` (auto, peft, kohya, diffusers) overrides each source's detected key layout.
+    ``budget`` (bytes, or a size such as "3MB") or ``ratio`` (original bytes ÷ ratio) replace
+    ``k``/``energy``: k per module and side and each module's core rank are chosen for the least
+    error within that size of bases and cores (``core.budget``).
     """
     sources = list(sources)
     chosen = [flag for flag, value in (("-k", k), ("--energy", energy), ("--budget", budget), ("--ratio", ratio)) if value is not None]
@@ -234,7 +237,8 @@ def plan_batches(shapes: dict[str, tuple[int, int]], adapters: list[Adapter], bu
 
 
 def _spectra(adapters: list[Adapter], shapes: dict, batches: list[list[str]], progress) -> dict[str, ModuleSpectrum]:
-    """Both sides' spectra of every module: what a budget is allocated on (a pass before the merge)."""
+    """Every module's adapters on its stacks' leading directions (``compress.spectrum``): what a
+    budget is allocated on, in a pass over the factors before the merge."""
     holders_of = {m: [a for a in adapters if m in a.modules] for m in shapes}
     out = {}
     for batch in batches:
