@@ -144,7 +144,16 @@ def merge(
             force=force, rank=rank, alpha=alpha, device=device, shard=parse_shard(shard), progress=progress, layout=layout,
             budget=budget, ratio=ratio,
         )
-    if not quiet and "shard" not in result.manifest:
+    part = result.manifest.get("shard")
+    if part:  # what this part holds, even with -q: a part without modules is easy to miss otherwise
+        held = count(len(result.modules), "module")
+        line = (f"wrote part {part['index']}/{part['count']} of a sharded merge to {shown(zoo)}: {held} of the adapters' "
+                f"{count(result.manifest.get('shard_modules', len(result.modules)), 'module')}; "
+                "join every part with sharecompress combine")
+        if not result.modules:
+            line += " (this part holds no module: there are fewer batches of modules than parts)"
+        err.print(line, highlight=False)
+    elif not quiet:
         render(result.report(), err)
         err.print(f"wrote zoo [bold]{shown(zoo)}[/] ({count(len(result.adapters), 'adapter')}, {count(len(result.modules), 'module')})")
 

@@ -148,3 +148,21 @@ def test_shards_split_along_batches_and_still_equal_the_plain_merge(tmp_path, mo
     joined = Zoo.open(combine([p.path for p in parts], tmp_path / "joined"))
     assert tensors_of(joined) == tensors_of(plain)
     assert joined.report() == plain.report()
+
+
+def test_each_shard_says_what_it_holds_and_report_marks_a_partial_zoo(tmp_path):
+    from typer.testing import CliRunner
+
+    from sharecompress.cli import app
+
+    src = str(write_peft_adapter(tmp_path / "a", random_factors({"layers.0.q_proj": (8, 6)}, 2, seed=0)))
+    runner = CliRunner()
+    first = runner.invoke(app, ["merge", src, "--zoo", str(tmp_path / "p1"), "-k", "2", "--shard", "1/2", "-q"])
+    assert first.exit_code == 0 and "wrote part 1/2" in first.output and "1 module of the adapters' 1 module" in first.output
+    empty = runner.invoke(app, ["merge", src, "--zoo", str(tmp_path / "p2"), "-k", "2", "--shard", "2/2"])
+    assert empty.exit_code == 0 and "0 modules" in empty.output and "holds no module" in empty.output
+    shown = runner.invoke(app, ["report", "--zoo", str(tmp_path / "p2")])
+    assert "a partial zoo: part 2/2" in shown.output
+    joined = runner.invoke(app, ["combine", str(tmp_path / "p1"), str(tmp_path / "p2"), "--zoo", str(tmp_path / "zoo")])
+    assert joined.exit_code == 0
+    assert "partial" not in runner.invoke(app, ["report", "--zoo", str(tmp_path / "zoo")]).output

@@ -152,6 +152,7 @@ def merge(
     adapters = find_adapters(sources, rank=rank, alpha=alpha, layout=layout)
     shapes = module_shapes(adapters)
     batches = plan_batches(shapes, adapters)
+    total_modules = len(shapes)
     if shard is not None:
         index, count = shard
         if not 1 <= index <= count:
@@ -184,6 +185,7 @@ def merge(
         manifest = _build(adapters, shapes, batches, rule, method, sweeps, core_p or p, store, staging, progress, compute_on, with_extras)
         if shard is not None:
             manifest["shard"] = {"index": shard[0], "count": shard[1]}
+            manifest["shard_modules"] = total_modules  # how many the whole merge has: report says what this part lacks
         for module, q in (core_p or {}).items():
             manifest["modules"][module]["p"] = q  # a budget's core rank per module: add and commit keep it
         manifest.update(

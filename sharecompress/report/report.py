@@ -70,6 +70,7 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
         "bytes_coefficients": coef_bytes,
         "bytes_extras": sum(e.get("bytes_extras", 0) for e in manifest["adapters"]),
         "budget": (manifest.get("k_rule") or {}).get("budget"),
+        "shard": manifest.get("shard"),
         "compression_ratio": original / compressed if compressed else 0.0,
         "coefficient_ratio": original / coef_bytes if coef_bytes else 0.0,
         "method": manifest.get("method"),
@@ -109,6 +110,11 @@ def human_bytes(n: int) -> str:
 
 def render(report: dict, console: Console, max_error: float | None = None) -> None:
     """A table per adapter, then the zoo's totals, for people."""
+    part = report.get("shard")
+    if part:
+        console.print(f"[bold yellow]a partial zoo[/]: part {part['index']}/{part['count']} of a sharded merge, holding "
+                      f"{len(report['modules'])} module(s); its figures cover those only. Join every part with "
+                      "sharecompress combine for the zoo's")
     table = Table(title="sharecompress report", title_justify="left")
     for col, just in (("adapter", "left"), ("rank", "right"), ("p", "right"), ("rel. error", "right"),
                       ("worst module", "right"), ("drift", "right")):

@@ -121,6 +121,8 @@ def _check(m: dict) -> None:
         shard = _obj(m["shard"], "shard")
         count = _int(shard.get("count"), "shard.count", 1, 1 << 20)
         _int(shard.get("index"), "shard.index", 1, count)
+    if m.get("shard_modules") is not None:
+        _int(m["shard_modules"], "shard_modules", 0, 1 << 40)
     if m.get("base_model") is not None:
         _str(m["base_model"], "base_model")
     modules = m["modules"]
