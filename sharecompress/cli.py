@@ -253,6 +253,7 @@ def export(
     all_: bool = typer.Option(False, "--all", help="Export every adapter."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     force: bool = typer.Option(False, "--force", help="Replace earlier exports: only a directory holding an exported adapter's files, or a .safetensors file; never anything else."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="vllm: PEFT adapters of one rank vLLM serves (8, 16, 32, 64, 128, 256, 320, 512; zero-padded), alpha = r; warns of saved heads it refuses."),
 ) -> None:
     """Rebuild adapters from the zoo, each in the key layout it came in (PEFT, kohya, diffusers)."""
     from .ops.export import export_adapters
@@ -269,8 +270,9 @@ def export(
         if all_:  # every adapter of the generation the export reads, even if a writer publishes meanwhile
             jobs = lambda z: [(name, out / name) for name in z.names]  # noqa: E731
         export_adapters(
-            opened, jobs, dtype=dtype, force=force,
+            opened, jobs, dtype=dtype, force=force, profile=profile,
             done=lambda name, target: err.print(shown(f"exported {name} → {target}"), highlight=False),
+            warn=lambda line: err.print(shown(f"warning: {line}"), highlight=False),
         )
 
 

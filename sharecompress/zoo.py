@@ -54,10 +54,11 @@ class Zoo(ZooReader):
         self.reload()
         return drift
 
-    def export(self, name: str, out: str | Path, dtype: str = "float32", force: bool = False) -> Path:
+    def export(self, name: str, out: str | Path, dtype: str = "float32", force: bool = False, profile: str | None = None) -> Path:
+        """In the adapter's own layout; ``profile="vllm"``: a PEFT adapter of a rank vLLM serves."""
         from .ops.export import export
 
-        return export(self, name, out, dtype=dtype, force=force)
+        return export(self, name, out, dtype=dtype, force=force, profile=profile)
 
     def remove(self, *names: str) -> None:
         from .ops.remove import remove

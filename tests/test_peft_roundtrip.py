@@ -82,3 +82,24 @@ def test_incremental_adds_on_the_real_adapters_end_close_to_a_full_merge(tmp_pat
     incremental = zoo.report(against=SOURCES)["relative_error"]
     assert full > 0.05  # lossy at k = 16: the comparison means something
     assert incremental <= 1.05 * full, (incremental, full)
+
+
+def test_a_vllm_profile_export_loads_in_peft_with_the_plain_exports_logits(tmp_path):
+    import json
+    import warnings
+
+    zoo = sharecompress.merge(SOURCES, tmp_path / "zoo", k=12)
+    name = "topic4"  # rank 4: padded to vLLM's smallest rank, 8
+    plain = zoo.export(name, tmp_path / "plain")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        served = zoo.export(name, tmp_path / "vllm", profile="vllm")
+    assert any("refuses an adapter that carries them" in str(w.message) for w in caught)  # its classifier head
+    config = json.loads((served / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 8 and not config["rank_pattern"] and not config["alpha_pattern"]
+    shapes = {k: v.shape for k, v in load_file(str(served / "adapter_model.safetensors")).items() if "lora_" in k}
+    assert all(8 in shape for shape in shapes.values())
+    got, want = logits(str(served)), logits(str(plain))
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    with pytest.raises(ValueError, match="choose vllm"):
+        zoo.export(name, tmp_path / "other", profile="tgi")

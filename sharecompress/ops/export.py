@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +59,37 @@ def alpha_tensor(r: int, dtype: torch.dtype) -> torch.Tensor:
     return value if float(value) == r else torch.tensor(float(r), dtype=torch.float32)
 
 
-def adapter_tensors(zoo: ZooReader, name: str, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], int]:
-    """Tensors of one adapter under its own keys (LoRA factors rebuilt, alphas = r, extras verbatim) and its r."""
+# Ranks a serving engine accepts (vLLM's ``max_lora_rank`` choices): ``export --profile``.
+SERVE_RANKS = {"vllm": (8, 16, 32, 64, 128, 256, 320, 512)}
+
+
+def adapter_rank(entry: dict) -> int:
+    return max(1, entry.get("p") or max(m["p"] for m in entry["modules"].values()))
+
+
+def serving_rank(profile: str, entries: list[dict]) -> int:
+    """One rank for every adapter exported together: the smallest the engine accepts that holds them all."""
+    if profile not in SERVE_RANKS:
+        raise ValueError(f"--profile {profile}: choose {', '.join(SERVE_RANKS)}")
+    for entry in entries:
+        if entry.get("layout", "peft") != "peft":
+            raise ZooError(entry["name"], f"--profile {profile} writes PEFT adapters; this one is a {entry['layout']} adapter")
+    need = max(adapter_rank(e) for e in entries)
+    fits = [r for r in SERVE_RANKS[profile] if r >= need]
+    if not fits:
+        raise ZooError(entries[0]["name"], f"--profile {profile}: rank {need} is above the largest it serves ({SERVE_RANKS[profile][-1]})")
+    return fits[0]
+
+
+def adapter_tensors(zoo: ZooReader, name: str, dtype: torch.dtype = torch.float32, rank: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Tensors of one adapter under its own keys (LoRA factors rebuilt, alphas = r, extras verbatim) and its r.
+
+    ``rank`` pads every module to that rank with zeros (a serving profile's one rank); else the
+    adapter's largest p.
+    """
     entry = zoo.adapter(name)
     bases, cores = zoo.bases(), zoo.cores(name)
-    r = max(1, entry.get("p") or max(m["p"] for m in entry["modules"].values()))
+    r = rank or adapter_rank(entry)
     tensors: dict[str, torch.Tensor] = {}
     for module, mod in entry["modules"].items():
         U, V = (t.to(torch.float64) for t in bases[module])
@@ -159,13 +186,16 @@ Jobs = list[tuple[str, "str | os.PathLike"]]
 
 def export_adapters(
     zoo: ZooReader, jobs: Jobs | Callable[[ZooReader], Jobs], dtype: str = "float32", force: bool = False,
-    done: Callable[[str, Path], None] | None = None,
+    done: Callable[[str, Path], None] | None = None, profile: str | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Export each (adapter name, target): every target checked before any is written, every
     adapter written (from one generation of the zoo) before any is published.
 
     ``jobs`` may be a function of the zoo (``export --all``: every adapter the generation holds),
-    asked again when a writer publishes a new generation meanwhile.
+    asked again when a writer publishes a new generation meanwhile. ``profile`` ("vllm") writes
+    what that engine loads: PEFT adapters of one rank from its set, zero-padded, alpha = r;
+    ``warn`` hears of what it would still refuse (saved modules such as heads).
     """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype {dtype}: choose {', '.join(EXPORT_DTYPES)}")
@@ -179,9 +209,18 @@ def export_adapters(
                 raise ZooError(out, "is the target of two exports")
             seen.add(out)
             check_target(zoo.path, zoo.adapter(name), out, force)
-        return _stage_all(zoo, planned, EXPORT_DTYPES[dtype])
+        rank = serving_rank(profile, [zoo.adapter(n) for n, _ in planned]) if profile else None
+        return _stage_all(zoo, planned, EXPORT_DTYPES[dtype], rank)
+
+    if profile is not None and profile not in SERVE_RANKS:
+        raise ValueError(f"--profile {profile}: choose {', '.join(SERVE_RANKS)}")
 
     staged = zoo.consistent(plan_and_stage)
+    if profile:
+        for item in staged:
+            if item.entry.get("extras"):
+                (warn or warnings.warn)(f"{item.entry['name']}: saves whole modules ({', '.join(item.entry['extras'][:3])}); "
+                                        f"{profile} serves LoRA weights only and refuses an adapter that carries them")
     published: list[Path] = []
     try:
         while staged:
@@ -201,11 +240,11 @@ def export_adapters(
     return published
 
 
-def _stage_all(zoo: ZooReader, jobs: list[tuple[str, Path]], dtype: torch.dtype) -> list[_Staged]:
+def _stage_all(zoo: ZooReader, jobs: list[tuple[str, Path]], dtype: torch.dtype, rank: int | None = None) -> list[_Staged]:
     staged: list[_Staged] = []
     try:
         for name, out in jobs:
-            staged.append(_stage(zoo, zoo.adapter(name), out, dtype))
+            staged.append(_stage(zoo, zoo.adapter(name), out, dtype, rank))
     except BaseException:
         for item in staged:
             _discard(item)
@@ -213,15 +252,15 @@ def _stage_all(zoo: ZooReader, jobs: list[tuple[str, Path]], dtype: torch.dtype)
     return staged
 
 
-def _stage(zoo: ZooReader, entry: dict, out: Path, dtype: torch.dtype) -> _Staged:
+def _stage(zoo: ZooReader, entry: dict, out: Path, dtype: torch.dtype, rank: int | None = None) -> _Staged:
     try:
-        return _stage_files(zoo, entry, out, dtype)
+        return _stage_files(zoo, entry, out, dtype, rank)
     except StorageError as exc:  # name the target, not the hidden name it was being written under
         raise StorageError(out, exc.problem) from None
 
 
-def _stage_files(zoo: ZooReader, entry: dict, out: Path, dtype: torch.dtype) -> _Staged:
-    tensors, r = adapter_tensors(zoo, entry["name"], dtype)
+def _stage_files(zoo: ZooReader, entry: dict, out: Path, dtype: torch.dtype, rank: int | None = None) -> _Staged:
+    tensors, r = adapter_tensors(zoo, entry["name"], dtype, rank)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -269,6 +308,7 @@ def _discard(item: _Staged) -> None:
     item.parent.close()
 
 
-def export(zoo: ZooReader, name: str, out: str | os.PathLike, dtype: str = "float32", force: bool = False) -> Path:
+def export(zoo: ZooReader, name: str, out: str | os.PathLike, dtype: str = "float32", force: bool = False,
+           profile: str | None = None) -> Path:
     """Write adapter ``name`` at ``out`` in its own layout (whole, or not at all); returns ``out``."""
-    return export_adapters(zoo, [(name, out)], dtype=dtype, force=force)[0]
+    return export_adapters(zoo, [(name, out)], dtype=dtype, force=force, profile=profile)[0]
