@@ -466,3 +466,25 @@ def test_export_never_leaves_half_a_file(tmp_path, monkeypatch):
         zoo.export("k", target, force=True)
     assert target.read_bytes() == before
     assert sorted(p.name for p in target.parent.iterdir()) == ["k.safetensors"]
+
+
+def test_text_encoder_modules_with_and_without_text_model_are_one_module(tmp_path):
+    from torch import nn
+
+    from factories import write_diffusers_dir, write_kohya_file
+
+    gen = torch.Generator().manual_seed(8)
+    factors = [(torch.randn(6, 2, generator=gen), torch.randn(2, 5, generator=gen)) for _ in range(2)]
+    kohya = write_kohya_file(tmp_path / "k.safetensors", {"lora_te_text_model_encoder_layers_0_self_attn_q_proj": factors[0]}, alpha=2.0)
+    diffusers = write_diffusers_dir(tmp_path / "d", {"text_encoder.encoder.layers.0.self_attn.q_proj": (*factors[1], "peft")})
+    zoo = sharecompress.merge([str(kohya), str(diffusers)], tmp_path / "zoo", k=4)
+    assert len(zoo.modules) == 1 and zoo.modules[next(iter(zoo.modules))]["adapters"] == 2
+    # and the runtime finds it in a text encoder that has text_model inside
+    model = nn.Module()
+    model.text_model = nn.Module()
+    model.text_model.encoder = nn.Module()
+    model.text_model.encoder.layers = nn.ModuleList([nn.Module()])
+    model.text_model.encoder.layers[0].self_attn = nn.Module()
+    model.text_model.encoder.layers[0].self_attn.q_proj = nn.Linear(5, 6)
+    rt = zoo.attach(model)
+    assert [target for target, _ in rt.modules.values()] == ["text_model.encoder.layers.0.self_attn.q_proj"]

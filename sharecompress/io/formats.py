@@ -192,7 +192,8 @@ def canonical(module: str, layout: str) -> str:
 
     The denoiser (``unet.``, ``transformer.``, ``lora_unet_``, a PEFT model's own modules) has
     no prefix; text encoders keep theirs (``text_encoder_``, ``text_encoder_2_``); dots become
-    underscores. Old attention-processor names (``processor.to_q_lora``) map to the module.
+    underscores. Old attention-processor names (``processor.to_q_lora``) map to the module, and
+    ``text_model.`` inside a text encoder is dropped (``without_text_model``).
     """
     name = module
     if layout == "peft":
@@ -210,7 +211,17 @@ def canonical(module: str, layout: str) -> str:
                 lambda m: "." + (_TEXT_PROJ[m[1]] if text else ("to_out.0" if m[1] == "to_out" else m[1])), rest
             )
         name = rest if component in ("", "unet", "transformer") else f"{component}_{rest}"
-    return name.replace(".", "_")
+    return without_text_model(name.replace(".", "_"))
+
+
+_TEXT_MODEL = re.compile(r"^((?:text_encoder(?:_\d+)?_)?)text_model_")
+
+
+def without_text_model(flat: str) -> str:
+    """A text encoder's modules with or without ``text_model.`` (CLIPTextModel's inner module, which
+    some tools write and others leave out) are one module: the segment is dropped at the start of
+    the name or right after the text encoder's own prefix."""
+    return _TEXT_MODEL.sub(r"\1", flat, count=1)
 
 
 def zoo_module_layouts(manifest: dict) -> dict[str, str]:

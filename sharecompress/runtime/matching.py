@@ -14,14 +14,15 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ZooError
-from ..io.formats import PEFT_PREFIX, canonical
+from ..io.formats import PEFT_PREFIX, canonical, without_text_model
 
 # What PEFT puts between a module and its saved modules_to_save parameters.
 _SAVED = (".modules_to_save.default.", ".modules_to_save.")
 
 
 def flat(name: str) -> str:
-    return name.replace(".", "_")
+    """The model's own name in the zoo's layout-free form (``formats.canonical``'s rules)."""
+    return without_text_model(name.replace(".", "_"))
 
 
 class ModelIndex:
