@@ -281,12 +281,15 @@ def remove(
     names: List[str] = typer.Argument(..., help="Adapter names to remove."),
     zoo: Path = ZooOption,
 ) -> None:
-    """Remove adapters from the zoo."""
+    """Remove adapters from the zoo, and refit the bases to the adapters that stay (data-free)."""
     from .zoo import Zoo
 
     with user_errors():
-        Zoo.open(zoo).remove(*names)
+        drift = Zoo.open(zoo).remove(*names)
     err.print(shown(f"removed {', '.join(names)}"), highlight=False)
+    if drift:
+        moved = ", ".join(f"{name} {value:.3g}" for name, value in sorted(drift.items(), key=lambda x: -x[1]))
+        err.print(shown(f"bases refit to the adapters that stay; relative drift: {moved}"), highlight=False)
 
 
 @app.command("list")

@@ -60,16 +60,19 @@ class Zoo(ZooReader):
 
         return export(self, name, out, dtype=dtype, force=force, profile=profile)
 
-    def remove(self, *names: str) -> None:
+    def remove(self, *names: str) -> dict[str, float]:
+        """Drop adapters; the bases are refit to the rest (data-free). Returns {adapter: relative drift}
+        for the remaining adapters the refit moved."""
         from .ops.remove import remove
 
         self.manifest, self._bases = None, None
         try:
-            remove(self.path, names)
+            drift = remove(self.path, names)
         except BaseException:
             self._reload_quietly()
             raise
         self.reload()
+        return drift
 
     def _reload_quietly(self) -> None:
         """After a failed operation: read the zoo again if it can be read; the operation's error is the one to see."""

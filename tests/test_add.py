@@ -279,3 +279,45 @@ def test_bounds_after_an_add_are_marked_and_max_error_says_so(tmp_path):
     assert "≤ " in listed.output and "upper bound" in listed.output
     against = runner.invoke(app, ["report", "--zoo", zoo, "--against", *paths])
     assert "≤" not in against.output
+
+
+def test_remove_shrinks_a_fixed_k_zoo_to_what_stays_without_moving_it(tmp_path):
+    paths, _ = adapters(tmp_path, 4)  # ranks 2, 3, 4, 2
+    zoo = sharecompress.merge(paths, tmp_path / "zoo", k=8)
+    before = reconstructions(zoo)
+    size = zoo.report()["bytes_compressed"]
+    drift = zoo.remove("task1", "task2")  # what stays: ranks 2 + 2 = 4 < k
+    assert all(info["k_u"] <= 4 and info["k_v"] <= 4 for info in zoo.modules.values())
+    assert zoo.report()["bytes_compressed"] < size
+    after = reconstructions(zoo)
+    for name in ("task0", "task3"):
+        for module, want in before[name].items():
+            assert float((after[name][module] - want).norm() / want.norm()) < 1e-5
+    assert all(v < 1e-5 for v in drift.values())
+    assert runner.invoke(app, ["verify", "--zoo", str(tmp_path / "zoo")]).exit_code == 0
+
+
+def test_remove_refits_an_energy_zoo_and_its_drift_is_exact(tmp_path):
+    paths, _ = adapters(tmp_path, 5)
+    zoo = sharecompress.merge(paths, tmp_path / "zoo", energy=0.9)
+    before = reconstructions(zoo)
+    ks = {m: (i["k_u"], i["k_v"]) for m, i in zoo.modules.items()}
+    drift = zoo.remove("task0", "task1", "task2")
+    assert drift and max(drift.values()) > 1e-3  # the refit dropped directions: this test measures something
+    assert all(zoo.modules[m]["k_u"] <= ks[m][0] and zoo.modules[m]["k_v"] <= ks[m][1] for m in ks)
+    after = reconstructions(zoo)
+    for name in ("task3", "task4"):
+        moved2 = sum(float((after[name][m] - before[name][m]).pow(2).sum()) for m in before[name])
+        norm2 = zoo.adapter(name)["norm2"]
+        assert drift.get(name, 0.0) == pytest.approx((moved2 / norm2) ** 0.5, rel=1e-4, abs=1e-6)
+        for module, mod in zoo.adapter(name)["modules"].items():
+            assert mod["drift"] == pytest.approx(float((after[name][module] - before[name][module]).norm()), rel=1e-4, abs=1e-6)
+
+
+def test_a_module_nobody_holds_any_more_is_dropped(tmp_path):
+    only = str(write_peft_adapter(tmp_path / "only", random_factors({"layers.9.extra": (6, 5)}, 2, seed=1)))
+    paths, _ = adapters(tmp_path, 2)
+    zoo = sharecompress.merge([*paths, only], tmp_path / "zoo", k=2)
+    assert PREFIX + "layers.9.extra" in zoo.modules
+    zoo.remove("only")
+    assert PREFIX + "layers.9.extra" not in zoo.modules and PREFIX + "layers.9.extra" not in zoo.bases()

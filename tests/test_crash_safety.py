@@ -100,3 +100,23 @@ def test_a_second_writer_waits_then_fails_clearly(tmp_path, zoo_and_new):
             with WriterLock(zoo_dir, timeout=0.3):
                 pass
     assert json.loads((zoo_dir / "manifest.json").read_text())["generation"] == 1
+
+
+@pytest.mark.parametrize("step", ["after-basis", "before-manifest", "after-manifest"])
+def test_kill_during_a_remove_that_refits(tmp_path, zoo_and_new, step):
+    import shutil
+
+    zoo_dir, _ = zoo_and_new  # three rank-2 adapters at k=3: removing two leaves rank 2, so the bases shrink
+    before = snapshot(zoo_dir)
+    reference = tmp_path / "reference"
+    shutil.copytree(zoo_dir, reference)
+    Zoo.open(reference).remove("a0", "a1")
+    after = snapshot(reference)
+    assert after != before
+    env = dict(os.environ, SHARECOMPRESS_PAUSE_AT=f"{step}:30")
+    proc = subprocess.Popen([sys.executable, "-m", "sharecompress", "remove", "a0", "a1", "--zoo", str(zoo_dir)],
+                            stderr=subprocess.PIPE, env=env, text=True)
+    kill_when_paused(proc, step)
+    problems, _ = verify(zoo_dir)
+    assert problems == []
+    assert snapshot(zoo_dir) == (after if step == "after-manifest" else before)

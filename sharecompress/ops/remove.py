@@ -1,16 +1,33 @@
-"""``remove``: drop adapters from a zoo. The shared bases stay as they are."""
+"""``remove``: drop adapters from a zoo, and fit the bases to the adapters that stay, data-free.
+
+What the remaining adapters hold lies inside span(U) ⊗ span(V), so the bases are refit on their
+stored cores alone (the same small problem ``add`` solves, without a new adapter): a module's k
+shrinks to what the zoo's rule asks of the remaining adapters, never grows, and a module no
+adapter holds any more is dropped. Each remaining adapter's drift is measured exactly and
+returned; where the bases keep their span (a fixed-k zoo whose adapters still fill it), nothing
+moves and the files are carried over as they were.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterable
 
+import torch
+
+from ..core.compress import KRule, module_bases
 from ..errors import ZooError
-from .entries import now, refresh_module_stats
+from ..store.reader import ZooReader
 from ..store.transaction import Transaction
+from .add import _module_info, _orth, _pad_cores, _write_generation, reproject
+from .entries import check_finite, finish_adapter_entry, now, refresh_module_stats
+from .merge import STORE_DTYPES
+
+f64 = torch.float64
 
 
-def remove(zoo_path: str | Path, names: Iterable[str]) -> None:
+def remove(zoo_path: str | Path, names: Iterable[str]) -> dict[str, float]:
+    """Drop ``names``; returns {remaining adapter: relative drift} for those the refit moved."""
     names = list(names)
     with Transaction(Path(zoo_path)) as tx:
         manifest = tx.manifest  # edited in place: on failure the transaction publishes nothing
@@ -19,6 +36,73 @@ def remove(zoo_path: str | Path, names: Iterable[str]) -> None:
         if missing:
             raise ZooError(zoo_path, f"no adapter named {missing[0]!r} in this zoo (it has: {', '.join(sorted(known))})")
         manifest["adapters"] = [e for e in manifest["adapters"] if e["name"] not in names]
+        zoo = ZooReader.from_manifest(tx.zoo, manifest, tx.digest)
+        bases = zoo.bases()
+        cores = {e["name"]: zoo.cores(e["name"]) for e in manifest["adapters"]}
+        drift2: dict[str, float] = {}
+        moved = False
+        for module in list(manifest["modules"]):
+            holders = {t: cores[t][module] for t in cores if module in cores[t]}
+            if not holders:  # nobody holds it any more
+                del manifest["modules"][module]
+                del bases[module]
+                moved = True
+                continue
+            refit = _refit(manifest, module, bases[module], holders)
+            if refit is None:
+                continue
+            (U2, V2), new_cores, drifts = refit
+            moved = True
+            bases[module] = (U2, V2)
+            for t, pair in new_cores.items():
+                cores[t][module] = pair
+                mod = next(e for e in manifest["adapters"] if e["name"] == t)["modules"][module]
+                mod["drift"] = mod.get("drift", 0.0) + drifts[t] ** 0.5
+                mod["p"] = pair[0].shape[1]
+                drift2[t] = drift2.get(t, 0.0) + drifts[t]
+        if moved:
+            _write_generation(tx, manifest, bases, cores, {})
+        for entry in manifest["adapters"]:
+            finish_adapter_entry(entry)
         refresh_module_stats(manifest)
         manifest["updated"] = now()
         tx.commit(manifest)
+    norms = {e["name"]: e["norm2"] for e in manifest["adapters"]}
+    return {t: (v / norms[t]) ** 0.5 if norms[t] > 0 else 0.0 for t, v in drift2.items() if v > 0}
+
+
+def _refit(manifest: dict, module: str, basis: tuple[torch.Tensor, torch.Tensor], holders: dict) -> tuple | None:
+    """New bases for one module fit on the remaining cores, their re-projected cores and exact drifts;
+    None when the zoo's rule keeps the module's bases as they are."""
+    U, V = basis
+    info = manifest["modules"][module]
+    store = STORE_DTYPES[manifest["dtype"]]
+    U64, V64 = U.to(f64), V.to(f64)
+    QU, QV = _orth(U64, U64[:, :0]), _orth(V64, V64[:, :0])
+    names = list(holders)
+    E, F, ps = _pad_cores([holders[t] for t in names])
+    Bs, As = (QU.T @ U64) @ E, F @ (V64.T @ QV)
+    rule = _shrink_rule(manifest, (U.shape[1], V.shape[1]))
+    Us, Vs, curve, done = module_bases(Bs, As, torch.ones(len(names), dtype=f64), rule, manifest.get("method", "share"),
+                                       manifest.get("sweeps", 3), sum(ps))
+    if (Us.shape[1], Vs.shape[1]) == (U.shape[1], V.shape[1]):
+        return None  # the remaining adapters still fill the module's k: its span, and every core, stay
+    U2, V2 = (QU @ Us).to(store).contiguous(), (QV @ Vs).to(store).contiguous()
+    U2_64, V2_64 = U2.to(f64), V2.to(f64)
+    GU = (U64.T @ U64, U64.T @ U2_64, U2_64.T @ U2_64)
+    GV = (V64.T @ V64, V64.T @ V2_64, V2_64.T @ V2_64)
+    new, drift2 = reproject(E, F, ps, GU, GV, info.get("p") or manifest.get("p"), store)
+    check_finite(module, module, (U2, V2, *(x for pair in new for x in pair)), [float(d) for d in drift2])
+    n, d = info["shape"]
+    manifest["modules"][module] = {**_module_info(info, n, d, U2.shape[1], V2.shape[1], curve, done),
+                                   **({"p": info["p"]} if info.get("p") else {})}
+    return (U2, V2), dict(zip(names, new)), {t: float(v) for t, v in zip(names, drift2)}
+
+
+def _shrink_rule(manifest: dict, k_old: tuple[int, int]) -> KRule:
+    """The zoo's rule on the remaining adapters, never above the module's k: fixed k (or a budget's
+    sizes) stays, capped by what the remaining adapters span; an energy target may ask for less."""
+    rule = manifest.get("k_rule") or {}
+    if rule.get("k") is not None or rule.get("budget") is not None:
+        return KRule(sides=k_old)
+    return KRule(energy=rule.get("energy") or 0.99, k_max=k_old)
