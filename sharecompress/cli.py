@@ -110,7 +110,7 @@ def main(
 
 @app.command()
 def merge(
-    sources: List[str] = typer.Argument(..., help="PEFT adapter dirs, .safetensors files, or directories of them."),
+    sources: List[str] = typer.Argument(..., help="Adapters: PEFT directories, .safetensors files (PEFT, kohya or diffusers keys), Hub ids from the local cache (owner/name or owner/name@revision), or directories of them; shell globs work."),
     zoo: Path = ZooOption,
     k: Optional[int] = typer.Option(None, "-k", "--k", help="Fixed number of shared components per module."),
     energy: Optional[float] = typer.Option(
@@ -134,7 +134,10 @@ def merge(
     layout: str = typer.Option("auto", "--format", help="Key layout of the sources: auto (detect per file), peft, kohya, diffusers."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
-    """Compress adapters into a new zoo."""
+    """Compress adapters into a new zoo.
+
+    Example: sharecompress merge sample_adapters/* --zoo zoo -k 16
+    """
     from .zoo import merge as run_merge
     from .report.report import render
 
@@ -155,7 +158,7 @@ def merge(
         err.print(line, highlight=False)
     elif not quiet:
         render(result.report(), err)
-        err.print(f"wrote zoo [bold]{shown(zoo)}[/] ({count(len(result.adapters), 'adapter')}, {count(len(result.modules), 'module')})")
+        err.print(f"wrote the zoo at [bold]{shown(zoo)}[/] ({count(len(result.adapters), 'adapter')}, {count(len(result.modules), 'module')})")
 
 
 def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -173,18 +176,21 @@ def combine(
     zoo: Path = ZooOption,
     force: bool = typer.Option(False, "--force", help="Replace an existing zoo."),
 ) -> None:
-    """Join the partial zoos of a sharded merge into one zoo."""
+    """Join the partial zoos of a sharded merge into one zoo.
+
+    Example: sharecompress combine part1 part2 --zoo zoo
+    """
     from .ops.combine import combine as run_combine
     from .zoo import Zoo
 
     with user_errors():
         result = Zoo.open(run_combine(parts, zoo, force=force))
-    err.print(f"wrote zoo [bold]{shown(zoo)}[/] from {len(parts)} parts ({len(result.modules)} modules)")
+    err.print(f"wrote the zoo at [bold]{shown(zoo)}[/] from {len(parts)} parts ({count(len(result.modules), 'module')})")
 
 
 @app.command()
 def add(
-    sources: List[str] = typer.Argument(..., help="New adapters: PEFT dirs, .safetensors files, or directories of them."),
+    sources: List[str] = typer.Argument(..., help="New adapters, as for merge: PEFT directories, .safetensors files (PEFT, kohya or diffusers keys), Hub ids from the local cache, or directories of them."),
     zoo: Path = ZooOption,
     grow: str = typer.Option("auto", "--grow", help="auto: an energy-target zoo may grow k; off: keep every k."),
     rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank for bare .safetensors files without a config."),
@@ -192,7 +198,10 @@ def add(
     layout: str = typer.Option("auto", "--format", help="Key layout of the sources: auto (detect per file), peft, kohya, diffusers."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
-    """Fold new adapters into a zoo without the original adapters."""
+    """Fold new adapters into a zoo without the original adapters.
+
+    Example: sharecompress add sample_adapters/verb_tense --zoo zoo
+    """
     from .zoo import Zoo
 
     with user_errors(), module_progress(not quiet, "adding") as progress:
@@ -201,7 +210,7 @@ def add(
     if not quiet:
         worst = max(drift.items(), key=lambda kv: kv[1], default=None)
         err.print(
-            f"zoo [bold]{shown(zoo)}[/] now holds {count(len(opened.adapters), 'adapter')}"
+            f"the zoo at [bold]{shown(zoo)}[/] now holds {count(len(opened.adapters), 'adapter')}"
             + (f"; largest drift of an old adapter {worst[1]:.3g} ({shown(worst[0])})" if worst else ""),
             highlight=False,
         )
@@ -217,7 +226,10 @@ def report(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the figures (energy kept vs k per module group, each adapter's error) to this PNG; needs matplotlib: pip install 'sharecompress\\[plot]'."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML page: summary, figures and tables."),
 ) -> None:
-    """Reconstruction error (exact, or a bound marked ≤ after adds) and bytes, per adapter and for the zoo."""
+    """Reconstruction error (exact, or a bound marked ≤ after adds) and bytes, per adapter and for the zoo.
+
+    Example: sharecompress report --zoo zoo --against sample_adapters/* --max-error 0.2
+    """
     from .report.figures import check_outputs, write_outputs
     from .report.report import render
     from .zoo import Zoo
@@ -255,7 +267,10 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace earlier exports: only a directory holding an exported adapter's files, or a .safetensors file; never anything else."),
     profile: Optional[str] = typer.Option(None, "--profile", help="vllm: PEFT adapters of one rank vLLM serves (8, 16, 32, 64, 128, 256, 320, 512; zero-padded), alpha = r; warns of saved heads it refuses."),
 ) -> None:
-    """Rebuild adapters from the zoo, each in the key layout it came in (PEFT, kohya, diffusers)."""
+    """Rebuild adapters from the zoo, each in the key layout it came in (PEFT, kohya, diffusers).
+
+    Example: sharecompress export verb_tense --zoo zoo --out exported/verb_tense
+    """
     from .ops.export import export_adapters
     from .zoo import Zoo
 
@@ -281,7 +296,10 @@ def remove(
     names: List[str] = typer.Argument(..., help="Adapter names to remove."),
     zoo: Path = ZooOption,
 ) -> None:
-    """Remove adapters from the zoo, and refit the bases to the adapters that stay (data-free)."""
+    """Remove adapters from the zoo, and refit the bases to the adapters that stay (data-free).
+
+    Example: sharecompress remove topic4 --zoo zoo
+    """
     from .zoo import Zoo
 
     with user_errors():
@@ -294,7 +312,10 @@ def remove(
 
 @app.command("list")
 def list_(zoo: Path = ZooOption, as_json: bool = typer.Option(False, "--json", help="JSON on stdout.")) -> None:
-    """The adapters in a zoo."""
+    """The adapters in a zoo.
+
+    Example: sharecompress list --zoo zoo --json
+    """
     from rich.table import Table
 
     from .store.manifest import read_manifest
@@ -322,7 +343,10 @@ def list_(zoo: Path = ZooOption, as_json: bool = typer.Option(False, "--json", h
 
 @app.command()
 def verify(zoo: Path = ZooOption, as_json: bool = typer.Option(False, "--json", help="{\"problems\": […], \"notes\": […]} on stdout.")) -> None:
-    """Check checksums, shapes and the manifest against the files; exit 1 naming any problem."""
+    """Check checksums, shapes and the manifest against the files; exit 1 naming any problem.
+
+    Example: sharecompress verify --zoo zoo
+    """
     from .store.verify import verify as run_verify
 
     if not zoo.exists():

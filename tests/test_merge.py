@@ -234,3 +234,25 @@ def test_bare_safetensors_with_rank_and_alpha(tmp_path):
     zoo = sharecompress.merge([str(bare / "solo.safetensors")], tmp_path / "zoo", k=2, alpha=12.0)
     entry = zoo.adapter("solo")
     assert entry["modules"][PREFIX + "layers.0.q_proj"]["scale"] == pytest.approx(3.0)
+
+
+def test_progress_advances_per_module_within_one_batch(tmp_path, monkeypatch):
+    from sharecompress.ops import merge as merge_op
+
+    specs = [(4, 16, False), (2, 8, False)]
+    paths, _ = make_zoo(tmp_path, specs)
+    returned = []  # batches whose compute has returned
+    real = merge_op.compress_batch
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        returned.append(len(out))
+        return out
+
+    monkeypatch.setattr(merge_op, "compress_batch", spy)
+    seen = []
+    sharecompress.merge(paths, tmp_path / "zoo", k=2,
+                        progress=lambda done, total, module: seen.append((done, total, module, len(returned))))
+    assert returned[0] >= 2 and sum(returned) == len(MODULES)  # the first batch holds two modules of one shape
+    assert [done for done, *_ in seen] == list(range(1, len(MODULES) + 1))
+    assert all(batches_done == 0 for *_, batches_done in seen[: returned[0]])  # reported while that batch still ran

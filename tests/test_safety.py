@@ -759,7 +759,7 @@ def test_markup_in_stored_text_and_paths_is_printed_as_is(tmp_path):
     zoo.parent.mkdir()
     paths = adapters(tmp_path)
     result = cli("merge", *paths, "--zoo", zoo, "-k", "2")
-    assert result.exit_code == 0 and f"wrote zoo {zoo}" in result.stderr
+    assert result.exit_code == 0 and f"wrote the zoo at {zoo}" in result.stderr
     edit_manifest(zoo, lambda m: m["adapters"][0].update(added="[/]", source="[red]x"))
     listed = runner.invoke(app, ["list", "--zoo", str(zoo)], terminal_width=400)
     assert listed.exit_code == 0 and "[/]" in listed.stdout and "[red]x" in listed.stdout

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Callable, Any
 
 import torch
 
@@ -243,6 +243,7 @@ def compress_batch(
     p: int | None | list[int | None] = None,
     store: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    finished: Callable[[int], None] | None = None,
 ) -> list[ModuleResult]:
     """``compress_module`` for G modules of one shape held by the same adapters with the same ranks.
 
@@ -276,4 +277,6 @@ def compress_batch(
         cpu = lambda t: t.cpu().contiguous()  # noqa: E731
         cores = [AdapterCore(cpu(c.E), cpu(c.F), c.err2, c.norm2) for c in cores]
         results.append(ModuleResult(cpu(U_st), cpu(V_st), cores, curve.cpu(), done))
+        if finished:
+            finished(g)  # a progress bar advances per module, not per batch
     return results

@@ -284,7 +284,8 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
             jobs = [(factors, [a.modules[m].scale for a in holders_of[m]]) for m, factors in zip(batch, loaded)]
             del loaded
             per = lambda x: [x[m] for m in batch] if isinstance(x, dict) else x  # noqa: E731  (a budget's per-module k and p)
-            results = compress_batch(jobs, per(rule), method, sweeps, per(p), store, device)
+            tick = (lambda g, base=done, batch=batch: progress(base + g + 1, len(order), batch[g])) if progress else None
+            results = compress_batch(jobs, per(rule), method, sweeps, per(p), store, device, tick)
             for (factors, scales), module, result in zip(jobs, batch, results):
                 held = held_out_errors(factors, scales, result.U.shape[1], result.V.shape[1])
                 for a, err2 in zip(holders_of[module], held or []):
@@ -294,8 +295,6 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
                 n, d = shapes[module]
                 _collect(module, n, d, holders_of[module], result, basis, modules, cores, entries)
                 done += 1
-                if progress:
-                    progress(done, len(order), module)
         for adapter, digest in zip(adapters, digests):
             entries[adapter.name]["sha256"] = digest.result()
     finally:  # on an error, stop what is queued rather than finish it
