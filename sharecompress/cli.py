@@ -303,11 +303,17 @@ def remove(
     from .zoo import Zoo
 
     with user_errors():
-        drift = Zoo.open(zoo).remove(*names)
+        opened = Zoo.open(zoo)
+        drift = opened.remove(*names)
     err.print(shown(f"removed {', '.join(names)}"), highlight=False)
-    if drift:
+    if not opened.adapters:
+        err.print(shown(f"the zoo at {zoo} holds no adapter now; add new ones, or delete the directory"), highlight=False)
+    elif drift:
         moved = ", ".join(f"{name} {value:.3g}" for name, value in sorted(drift.items(), key=lambda x: -x[1]))
         err.print(shown(f"bases refit to the adapters that stay; relative drift: {moved}"), highlight=False)
+    else:
+        err.print("bases kept: the adapters that stay still need every module's k under the zoo's rule; none moved",
+                  highlight=False)
 
 
 @app.command("list")

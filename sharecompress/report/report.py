@@ -146,7 +146,7 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
     )
     if report.get("budget"):
         over = report["bytes_compressed"] > report["budget"]
-        console.print(f"size budget {human_bytes(report['budget'])} (merge --budget): "
+        console.print(f"size budget {human_bytes(report['budget'])} (merge --budget or --ratio): "
                       + (f"[bold red]over it by {human_bytes(report['bytes_compressed'] - report['budget'])}[/] "
                          "(adds hold each k; merge again to reallocate)" if over else "within it"))
     held = [(a["held_out_error"], a["merge_error"]) for a in report["adapters"] if a.get("held_out_error") is not None]
@@ -154,7 +154,7 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
         outside = sorted(h for h, _ in held)[len(held) // 2]
         inside = sorted(e for _, e in held)[len(held) // 2]
         console.print(
-            f"held out (at merge, {len(held)} adapters): median error {outside:.4g} on bases of the same k fit without "
+            f"held out (at merge, {len(held)} adapter{'' if len(held) == 1 else 's'}): median error {outside:.4g} on bases of the same k fit without "
             f"the adapter, against {inside:.4g} with it: how far an adapter trained apart from the others lies "
             "outside their subspace"
         )

@@ -143,7 +143,7 @@ def summary(training: Training, modules: int) -> str:
     if not c["lora_rank"]:
         return line
     ratio = c["lora_same_modules"] / c["trainable"] if c["trainable"] else float("inf")
-    return (f"{line}; a LoRA of the zoo's rank {c['lora_rank']} on the same modules and heads "
+    return (f"{line}; a LoRA of the zoo's largest rank, {c['lora_rank']}, on the same modules and heads "
             f"would train {c['lora_same_modules']:,} ({ratio:.1f}x as many)")
 
 
