@@ -18,12 +18,6 @@ Accuracy is on 1000 held-out examples with clean labels, as in ``sample_adapters
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import argparse
 import json
 import shutil
@@ -35,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_sample_adapters as msa  # noqa: E402
+import make_sample_adapters as msa  # noqa: E402  (sets the offline environment before transformers loads)
 import sample_tasks  # noqa: E402
 
 import sharecompress  # noqa: E402

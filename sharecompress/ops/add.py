@@ -89,27 +89,34 @@ def check_new(manifest: dict, adapters: list[Adapter]) -> None:
 
 def fold_module(
     U: torch.Tensor, V: torch.Tensor, old: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    B: torch.Tensor, A: torch.Tensor, scale: float, rule: KRule, method: str, sweeps: int,
+    B: torch.Tensor | None, A: torch.Tensor | None, scale: float, rule: KRule, method: str, sweeps: int,
     p: int | None, store: torch.dtype,
 ):
     """New (U', V'), the re-projected old cores with their exact drift², the new core and its exact error.
 
-    Batched over the old adapters: their cores are one zero-padded stack throughout.
+    Batched over the old adapters: their cores are one zero-padded stack throughout. Without a
+    new adapter (B = A = None: ``remove``'s refit) the bases are refit on the old cores alone,
+    inside their own span, and the new core is None.
     """
     U64, V64 = U.to(f64), V.to(f64)
+    fresh = B is not None
+    if not fresh:
+        B, A = U64[:, :0], V64[:, :0].T
     B, A = B.to(f64), A.to(f64)
     QU, QV = _orth(U64, B), _orth(V64, A.T)
     names = list(old)
     E, F, ps = _pad_cores([old[t] for t in names]) if names else (None, None, [])
     width = max([B.shape[1], *ps])
-    Bs = torch.zeros(len(names) + 1, QU.shape[1], width, dtype=f64)
-    As = torch.zeros(len(names) + 1, width, QV.shape[1], dtype=f64)
+    count = len(names) + fresh
+    Bs = torch.zeros(count, QU.shape[1], width, dtype=f64)
+    As = torch.zeros(count, width, QV.shape[1], dtype=f64)
     if names:
-        Bs[:-1, :, : E.shape[2]] = (QU.T @ U64) @ E
-        As[:-1, : F.shape[1]] = F @ (V64.T @ QV)
-    Bs[-1, :, : B.shape[1]] = QU.T @ B
-    As[-1, : A.shape[0]] = A @ QV
-    scales = torch.tensor([1.0] * len(names) + [scale], dtype=f64)
+        Bs[: len(names), :, : E.shape[2]] = (QU.T @ U64) @ E
+        As[: len(names), : F.shape[1]] = F @ (V64.T @ QV)
+    if fresh:
+        Bs[-1, :, : B.shape[1]] = QU.T @ B
+        As[-1, : A.shape[0]] = A @ QV
+    scales = torch.tensor([1.0] * len(names) + [scale] * fresh, dtype=f64)
     total_rank = sum(ps) + B.shape[1]
     Us, Vs, curve, done = module_bases(Bs, As, scales, rule, method, sweeps, total_rank)
     # module_bases caps k by the small problem's size; the full problem's cap is min(n, d, Σ ranks).
@@ -123,6 +130,8 @@ def fold_module(
         moved, drift2 = reproject(E, F, ps, GU, GV, p, store)
         cores = dict(zip(names, moved))
         drifts = {t: float(v) for t, v in zip(names, drift2)}
+    if not fresh:
+        return U2, V2, cores, drifts, None, curve, done
     new = project_all(U2, V2, B[None], A[None], torch.tensor([scale], dtype=f64), [B.shape[1]], p, store)[0]
     return U2, V2, cores, drifts, (new.E, new.F, new.err2, new.norm2), curve, done
 
@@ -203,7 +212,7 @@ def add_adapters(
                     "rank": spec.rank, "scale": spec.scale, "p": E.shape[1], "err2": err2, "norm2": norm2,
                     "drift": 0.0, **source_keys(spec),
                 }
-                manifest["modules"][module] = _module_info(info, n, d, U2.shape[1], V2.shape[1], curve, sweeps_done)
+                manifest["modules"][module] = module_info(info, n, d, U2.shape[1], V2.shape[1], curve, sweeps_done)
                 done_steps += 1
                 if progress:
                     progress(done_steps, steps, f"{adapter.name}: {module}")
@@ -212,7 +221,7 @@ def add_adapters(
             entries[adapter.name] = entry
             manifest["adapters"].append(entry)
 
-        _write_generation(tx, manifest, bases, cores, {a.name: a for a in adapters})
+        write_generation(tx, manifest, bases, cores, {a.name: a for a in adapters})
         refresh_module_stats(manifest)
         manifest["updated"] = now()
         tx.commit(manifest)
@@ -240,14 +249,15 @@ def _rule_for(manifest: dict, k_old: tuple[int, int], grow: str, keep: tuple[int
     return KRule(energy=rule.get("energy") or 0.99, k_min=floor, k_max=None if grow == "auto" or new_module else floor)
 
 
-def _module_info(info: dict | None, n: int, d: int, ku: int, kv: int, curve: torch.Tensor, sweeps: int) -> dict:
+def module_info(info: dict | None, n: int, d: int, ku: int, kv: int, curve: torch.Tensor, sweeps: int) -> dict:
+    """A module's manifest entry after its bases were refit (by ``add``, or ``remove``)."""
     info = dict(info or {"shape": [n, d]})
     keep = min(curve.numel(), max(2 * ku, 64))
     info.update(k=max(ku, kv), k_u=ku, k_v=kv, energy_curve=[round(x, 7) for x in torch.cumsum(curve[:keep], 0).tolist()], sweeps=sweeps)
     return info
 
 
-def _write_generation(tx: Transaction, manifest: dict, bases, cores, fresh: dict[str, Adapter]) -> None:
+def write_generation(tx: Transaction, manifest: dict, bases, cores, fresh: dict[str, Adapter]) -> None:
     """Every file of the new generation under fresh names, before the manifest names them."""
     gen = tx.generation
     basis_rel = f"basis.g{gen}.safetensors"

@@ -15,15 +15,14 @@ from typing import Iterable
 
 import torch
 
-from ..core.compress import KRule, module_bases
+from ..core.compress import KRule
 from ..errors import ZooError
 from ..store.reader import ZooReader
 from ..store.transaction import Transaction
-from .add import _module_info, _orth, _pad_cores, _write_generation, reproject
+from .add import fold_module, module_info, write_generation
 from .entries import check_finite, finish_adapter_entry, now, refresh_module_stats
 from .merge import STORE_DTYPES
 
-f64 = torch.float64
 
 
 def remove(zoo_path: str | Path, names: Iterable[str]) -> dict[str, float]:
@@ -61,7 +60,7 @@ def remove(zoo_path: str | Path, names: Iterable[str]) -> dict[str, float]:
                 mod["p"] = pair[0].shape[1]
                 drift2[t] = drift2.get(t, 0.0) + drifts[t]
         if moved:
-            _write_generation(tx, manifest, bases, cores, {})
+            write_generation(tx, manifest, bases, cores, {})
         for entry in manifest["adapters"]:
             finish_adapter_entry(entry)
         refresh_module_stats(manifest)
@@ -72,31 +71,20 @@ def remove(zoo_path: str | Path, names: Iterable[str]) -> dict[str, float]:
 
 
 def _refit(manifest: dict, module: str, basis: tuple[torch.Tensor, torch.Tensor], holders: dict) -> tuple | None:
-    """New bases for one module fit on the remaining cores, their re-projected cores and exact drifts;
-    None when the zoo's rule keeps the module's bases as they are."""
+    """New bases for one module fit on the remaining cores, their re-projected cores and exact drifts
+    (``add.fold_module`` without a new adapter); None when the zoo's rule keeps the module's k."""
     U, V = basis
     info = manifest["modules"][module]
-    store = STORE_DTYPES[manifest["dtype"]]
-    U64, V64 = U.to(f64), V.to(f64)
-    QU, QV = _orth(U64, U64[:, :0]), _orth(V64, V64[:, :0])
-    names = list(holders)
-    E, F, ps = _pad_cores([holders[t] for t in names])
-    Bs, As = (QU.T @ U64) @ E, F @ (V64.T @ QV)
     rule = _shrink_rule(manifest, (U.shape[1], V.shape[1]))
-    Us, Vs, curve, done = module_bases(Bs, As, torch.ones(len(names), dtype=f64), rule, manifest.get("method", "share"),
-                                       manifest.get("sweeps", 3), sum(ps))
-    if (Us.shape[1], Vs.shape[1]) == (U.shape[1], V.shape[1]):
+    U2, V2, cores, drifts, _, curve, done = fold_module(
+        U, V, holders, None, None, 0.0, rule, manifest.get("method", "share"), manifest.get("sweeps", 3),
+        info.get("p") or manifest.get("p"), STORE_DTYPES[manifest["dtype"]])
+    if (U2.shape[1], V2.shape[1]) == (U.shape[1], V.shape[1]):
         return None  # the remaining adapters still fill the module's k: its span, and every core, stay
-    U2, V2 = (QU @ Us).to(store).contiguous(), (QV @ Vs).to(store).contiguous()
-    U2_64, V2_64 = U2.to(f64), V2.to(f64)
-    GU = (U64.T @ U64, U64.T @ U2_64, U2_64.T @ U2_64)
-    GV = (V64.T @ V64, V64.T @ V2_64, V2_64.T @ V2_64)
-    new, drift2 = reproject(E, F, ps, GU, GV, info.get("p") or manifest.get("p"), store)
-    check_finite(module, module, (U2, V2, *(x for pair in new for x in pair)), [float(d) for d in drift2])
+    check_finite(module, module, (U2, V2, *(x for pair in cores.values() for x in pair)), list(drifts.values()))
     n, d = info["shape"]
-    manifest["modules"][module] = {**_module_info(info, n, d, U2.shape[1], V2.shape[1], curve, done),
-                                   **({"p": info["p"]} if info.get("p") else {})}
-    return (U2, V2), dict(zip(names, new)), {t: float(v) for t, v in zip(names, drift2)}
+    manifest["modules"][module] = module_info(info, n, d, U2.shape[1], V2.shape[1], curve, done)
+    return (U2, V2), cores, drifts
 
 
 def _shrink_rule(manifest: dict, k_old: tuple[int, int]) -> KRule:
