@@ -122,6 +122,9 @@ def merge(
     ratio: Optional[float] = typer.Option(
         None, "--ratio", help="All-in compression ratio (original LoRA bytes ÷ bases and cores), e.g. 8: a budget of that size."
     ),
+    max_error: Optional[float] = typer.Option(
+        None, "--max-error", help="Guarantee every adapter's relative error ≤ this: one above it after the shared fit keeps a private low-rank residual (the least that does it). add holds it."
+    ),
     method: str = typer.Option("share", "--method", help="share (gauge-invariant, refined) or paper (stack B's and A's)."),
     sweeps: int = typer.Option(3, "--sweeps", help="Alternating refinement sweeps (share method)."),
     p: Optional[int] = typer.Option(None, "--p", help="Pseudo-rank of each adapter's core (default: its own rank, at most k)."),
@@ -145,7 +148,7 @@ def merge(
         result = run_merge(
             sources, zoo, k=k, energy=energy, method=method, sweeps=sweeps, p=p, dtype=dtype,
             force=force, rank=rank, alpha=alpha, device=device, shard=parse_shard(shard), progress=progress, layout=layout,
-            budget=budget, ratio=ratio,
+            budget=budget, ratio=ratio, max_error=max_error,
         )
     part = result.manifest.get("shard")
     if part:  # what this part holds, even with -q: a part without modules is easy to miss otherwise
@@ -196,6 +199,9 @@ def add(
     rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank for bare .safetensors files without a config."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha for bare .safetensors files without a config."),
     layout: str = typer.Option("auto", "--format", help="Key layout of the sources: auto (detect per file), peft, kohya, diffusers."),
+    max_error: Optional[float] = typer.Option(
+        None, "--max-error", help="Hold every adapter's relative error (bound) ≤ this with private residuals (default: the zoo's, from merge --max-error)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
     """Fold new adapters into a zoo without the original adapters.
@@ -206,7 +212,7 @@ def add(
 
     with user_errors(), module_progress(not quiet, "adding") as progress:
         opened = Zoo.open(zoo)
-        drift = opened.add(sources, grow=grow, rank=rank, alpha=alpha, progress=progress, layout=layout)
+        drift = opened.add(sources, grow=grow, rank=rank, alpha=alpha, progress=progress, layout=layout, max_error=max_error)
     if not quiet:
         worst = max(drift.items(), key=lambda kv: kv[1], default=None)
         err.print(

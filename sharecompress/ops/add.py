@@ -8,6 +8,7 @@ its cost depends on k, r and the number of stored adapters, never on the origina
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -16,11 +17,12 @@ import torch
 from ..core import linalg
 from ..io.adapter import Adapter
 from ..core.compress import KRule, module_bases, pad_stack, project_all
-from ..errors import InputError
+from ..core.residual import fit_residuals
+from ..errors import InputError, ZooError
 from ..store.reader import ZooReader
 from ..store.writer import unique_stem, write_adapter_files
-from .entries import adapter_entry, check_finite, finish_adapter_entry, model_key, now, refresh_module_stats, source_keys
-from .merge import STORE_DTYPES
+from .entries import adapter_entry, check_finite, finish_adapter_entry, model_key, now, refresh_module_stats, relative, source_keys
+from .merge import STORE_DTYPES, store_name as manifest_dtype
 from ..io.formats import zoo_module_layouts
 from ..io.readers import find_adapters
 from ..store.storage import pause_point, save_tensors
@@ -145,6 +147,7 @@ def add(
     alpha: float | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     layout: str = "auto",
+    max_error: float | None = None,
 ) -> dict:
     """Fold ``sources`` into the zoo, one adapter at a time; returns {old adapter: relative drift}.
 
@@ -156,27 +159,37 @@ def add(
     zoo_path = Path(zoo_path)
     known = zoo_module_layouts(ZooReader(zoo_path).manifest)  # not a zoo → clear error before reading any source
     adapters = find_adapters(list(sources), rank=rank, alpha=alpha, layout=layout, known=known)
-    return add_adapters(zoo_path, adapters, grow=grow, progress=progress)
+    return add_adapters(zoo_path, adapters, grow=grow, progress=progress, max_error=max_error)
 
 
 def add_adapters(
     zoo_path: Path, adapters: list[Adapter], *, grow: str = "auto",
     progress: Callable[[int, int, str], None] | None = None,
     keep: dict[str, tuple[int, int]] | None = None,
+    max_error: float | None = None,
 ) -> dict:
     """``add`` on adapters already read (from files, or trained in the zoo's subspace: ``ops.commit``).
 
     ``keep`` {module: (φ_u, φ_v)}: those modules grow by exactly that many directions per side
     (a committed task's new directions, kept whole), whatever the zoo's rule.
+    ``max_error`` (default: the zoo's own, from ``merge --max-error``) holds every adapter's error
+    ≤ X: a new adapter above it gets a private residual, and an old one whose bound this add would
+    lift above it folds what the add moved into its residual (``absorb_drift``).
     """
+    if max_error is not None and not (math.isfinite(max_error) and max_error > 0):
+        raise ValueError("--max-error must be a positive number")
     with Transaction(zoo_path) as tx:
         manifest = tx.manifest  # edited in place: on failure the transaction publishes nothing
         check_new(manifest, adapters)
         zoo = ZooReader.from_manifest(zoo_path, tx.manifest, tx.digest)
         store = STORE_DTYPES[manifest["dtype"]]
+        limit = max_error if max_error is not None else manifest.get("max_error")
         bases = zoo.bases()
         cores = {e["name"]: zoo.cores(e["name"]) for e in manifest["adapters"]}
+        residuals = {e["name"]: zoo.residuals(e["name"]) for e in manifest["adapters"]}
         entries = {e["name"]: e for e in manifest["adapters"]}
+        # each adapter as it stood before this add moved it: what a bound over X is taken back to
+        before = {t: _state(bases, cores[t], residuals[t], entries[t]) for t in cores} if limit is not None else {}
         step_drift: dict[str, float] = {}
         steps = sum(len(a.modules) for a in adapters)
         done_steps = 0
@@ -217,16 +230,102 @@ def add_adapters(
                 if progress:
                     progress(done_steps, steps, f"{adapter.name}: {module}")
             cores[adapter.name] = new_cores
+            residuals[adapter.name] = {}
+            if limit is not None:
+                residuals[adapter.name] = _own_residual(adapter, entry, bases, new_cores, limit, store)
+                before[adapter.name] = _state(bases, new_cores, residuals[adapter.name], entry)
             entry["file"] = None
             entries[adapter.name] = entry
             manifest["adapters"].append(entry)
+        if limit is not None:
+            for t in step_drift:
+                moved2 = absorb_drift(t, entries[t], before[t], bases, cores[t], residuals, limit, store, zoo_path)
+                if moved2 is not None:
+                    step_drift[t] = moved2
+            manifest["max_error"] = limit
 
-        write_generation(tx, manifest, bases, cores, {a.name: a for a in adapters})
+        write_generation(tx, manifest, bases, cores, {a.name: a for a in adapters}, residuals)
         refresh_module_stats(manifest)
         manifest["updated"] = now()
         tx.commit(manifest)
     norms = {e["name"]: e["norm2"] for e in manifest["adapters"]}
     return {t: (v / norms[t]) ** 0.5 if norms[t] > 0 else 0.0 for t, v in step_drift.items()}
+
+
+def _state(bases: dict, cores: dict, residuals: dict, entry: dict) -> dict:
+    """{module: (L, R, drift so far)}: an adapter's reconstruction as factors, L·R = U·E·F·Vᵀ + RU·RVᵀ."""
+    out = {}
+    for module, (E, F) in cores.items():
+        U, V = (t.to(f64) for t in bases[module])
+        L, R = [U @ E.to(f64)], [F.to(f64) @ V.T]
+        if module in residuals:
+            L.append(residuals[module][0].to(f64))
+            R.append(residuals[module][1].to(f64).T)
+        out[module] = (torch.cat(L, 1), torch.cat(R, 0), entry["modules"][module].get("drift", 0.0))
+    return out
+
+
+def _own_residual(adapter: Adapter, entry: dict, bases: dict, new_cores: dict, limit: float, store: torch.dtype) -> dict:
+    """A new adapter's private residual where its exact error is above ``limit`` (as ``merge --max-error``)."""
+    mods = entry["modules"]
+    norm2 = sum(m["norm2"] for m in mods.values())
+    if relative(sum(m["err2"] for m in mods.values()), norm2) <= limit:
+        return {}
+    parts = {}
+    for module, (E, F) in new_cores.items():
+        b, a = adapter.factors(module)
+        U, V = (t.to(f64) for t in bases[module])
+        parts[module] = (torch.cat([adapter.modules[module].scale * b, -(U @ E.to(f64))], 1), torch.cat([a, F.to(f64) @ V.T], 0), 0.0)
+    fitted = fit_residuals(parts, limit**2 * norm2, store)
+    if fitted is None:
+        raise InputError(adapter.source, f"--max-error {limit:g} is below what {manifest_dtype(store)} storage can hold for this adapter")
+    out = {}
+    for module, (RU, RV, tail2) in fitted.items():
+        if RU.shape[1]:
+            check_finite(adapter.source, module, (RU, RV), (tail2,))
+            out[module] = (RU, RV)
+            mods[module]["residual"], mods[module]["err2"] = RU.shape[1], tail2
+    return out
+
+
+def absorb_drift(name: str, entry: dict, before: dict, bases: dict, cores: dict, residuals: dict,
+                 limit: float, store: torch.dtype, zoo_path: Path) -> float | None:
+    """Hold an old adapter's bound ≤ ``limit`` after this add moved it; returns its new drift² (None: untouched).
+
+    Without the original, its error is known only as a bound: its error before the add (floor,
+    per module) plus how far the add moved it. Where that goes above the limit, the adapter's
+    private residual is refit on M = (its reconstruction before) − (the new shared part), the
+    least that brings the bound back to ≤ limit; the add's drift is then ‖M − RU·RVᵀ‖.
+    """
+    finish_adapter_entry(entry)
+    if entry["relative_error"] <= limit:
+        return None
+    mods = entry["modules"]
+    parts = {}
+    for module, (L0, R0, drift0) in before.items():
+        U, V = (t.to(f64) for t in bases[module])
+        E, F = (t.to(f64) for t in cores[module])
+        floor = mods[module]["err2"] ** 0.5 + drift0
+        parts[module] = (torch.cat([L0, -(U @ E)], 1), torch.cat([R0, F @ V.T], 0), floor)
+    fitted = fit_residuals(parts, limit**2 * entry["norm2"], store)
+    if fitted is None:
+        bound = relative(sum(p[2] ** 2 for p in parts.values()), entry["norm2"])
+        raise ZooError(zoo_path, f"adapter {name!r}: its error bound before this add, ≤ {bound:.4g}, is already above "
+                                 f"--max-error {limit:g}; without its original nothing can bring it down (merge it again "
+                                 "with --max-error, or add with a larger one)")
+    residuals[name] = {}
+    total = 0.0
+    for module, (RU, RV, tail2) in fitted.items():
+        check_finite(name, module, (RU, RV), (tail2,))
+        if RU.shape[1]:
+            residuals[name][module] = (RU, RV)
+        if RU.shape[1]:
+            mods[module]["residual"] = RU.shape[1]
+        else:
+            mods[module].pop("residual", None)
+        mods[module]["drift"] = before[module][2] + tail2**0.5
+        total += tail2
+    return total
 
 
 def _rule_for(manifest: dict, k_old: tuple[int, int], grow: str, keep: tuple[int, int] | None = None) -> KRule:
@@ -257,8 +356,12 @@ def module_info(info: dict | None, n: int, d: int, ku: int, kv: int, curve: torc
     return info
 
 
-def write_generation(tx: Transaction, manifest: dict, bases, cores, fresh: dict[str, Adapter]) -> None:
-    """Every file of the new generation under fresh names, before the manifest names them."""
+def write_generation(tx: Transaction, manifest: dict, bases, cores, fresh: dict[str, Adapter], residuals: dict) -> None:
+    """Every file of the new generation under fresh names, before the manifest names them.
+
+    ``residuals`` {adapter: {module: (RU, RV)}}: the private residuals (``--max-error``) travel with
+    each adapter's cores into its new file.
+    """
     gen = tx.generation
     basis_rel = f"basis.g{gen}.safetensors"
     flat = {}
@@ -272,6 +375,9 @@ def write_generation(tx: Transaction, manifest: dict, bases, cores, fresh: dict[
         tensors = {}
         for module, (E, F) in cores[entry["name"]].items():
             tensors[f"{module}.E"], tensors[f"{module}.F"] = E, F
+        for module, (RU, RV) in residuals.get(entry["name"], {}).items():
+            if RU.shape[1]:
+                tensors[f"{module}.RU"], tensors[f"{module}.RV"] = RU, RV
         if entry["name"] in fresh:
             stem = unique_stem(entry["name"], used)
             entry.update(write_adapter_files(tx.adapters, stem, tensors, fresh[entry["name"]].extra_tensors(), gen))

@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Iterable
 
 
+import torch
+
 from ..core import linalg
+from ..core.residual import factored_norm2
 from ..errors import InputError
 from ..io.formats import zoo_module_layouts
 from ..io.readers import find_adapters
@@ -28,11 +31,18 @@ def measure_against(zoo: ZooReader, sources: Iterable[str]) -> dict[str, dict[st
         entry = zoo.adapter(original.name)
         if set(original.modules) != set(entry["modules"]):
             raise InputError(original.source, f"its modules differ from those stored for {original.name!r}")
-        cores = zoo.cores(original.name)
+        cores, residuals = zoo.cores(original.name), zoo.residuals(original.name)
         measured[original.name] = {}
         for module, spec in original.modules.items():
             b, a = original.factors(module)
             U, V = bases[module]
             E, F = cores[module]
-            measured[original.name][module] = linalg.squared_error(b, a, spec.scale, U, E, F, V)
+            if module in residuals:  # ΔW − U·E·F·Vᵀ − RU·RVᵀ, as factors
+                RU, RV = (t.to(torch.float64) for t in residuals[module])
+                Ue, Fv = U.to(torch.float64) @ E.to(torch.float64), F.to(torch.float64) @ V.to(torch.float64).T
+                L = torch.cat([spec.scale * b.to(torch.float64), -Ue, -RU], 1)
+                R = torch.cat([a.to(torch.float64), Fv, RV.T], 0)
+                measured[original.name][module] = (factored_norm2(L, R), factored_norm2(spec.scale * b.to(torch.float64), a.to(torch.float64)))
+            else:
+                measured[original.name][module] = linalg.squared_error(b, a, spec.scale, U, E, F, V)
     return measured

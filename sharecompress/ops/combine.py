@@ -55,6 +55,8 @@ def combine(parts: Iterable[str | os.PathLike], zoo: str | os.PathLike, force: b
             name = entry["name"]
             for module, (E, F) in part.cores(name).items():
                 cores[name][f"{module}.E"], cores[name][f"{module}.F"] = E, F
+            for module, (RU, RV) in part.residuals(name).items():
+                cores[name][f"{module}.RU"], cores[name][f"{module}.RV"] = RU, RV
             entries[name]["modules"].update(entry["modules"])
             if entry.get("extras_file"):
                 extras_from[name] = part

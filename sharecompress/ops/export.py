@@ -64,7 +64,8 @@ SERVE_RANKS = {"vllm": (8, 16, 32, 64, 128, 256, 320, 512)}
 
 
 def adapter_rank(entry: dict) -> int:
-    return max(1, entry.get("p") or max(m["p"] for m in entry["modules"].values()))
+    """The rank an export writes: the largest p, plus a module's private residual where it has one."""
+    return max(1, max((m["p"] + m.get("residual", 0) for m in entry["modules"].values()), default=0))
 
 
 def serving_rank(profile: str, entries: list[dict]) -> int:
@@ -88,7 +89,7 @@ def adapter_tensors(zoo: ZooReader, name: str, dtype: torch.dtype = torch.float3
     adapter's largest p.
     """
     entry = zoo.adapter(name)
-    bases, cores = zoo.bases(), zoo.cores(name)
+    bases, cores, residuals = zoo.bases(), zoo.cores(name), zoo.residuals(name)
     r = rank or adapter_rank(entry)
     tensors: dict[str, torch.Tensor] = {}
     for module, mod in entry["modules"].items():
@@ -98,6 +99,10 @@ def adapter_tensors(zoo: ZooReader, name: str, dtype: torch.dtype = torch.float3
         A = torch.zeros(r, V.shape[0], dtype=torch.float64)
         B[:, : E.shape[1]] = U @ E
         A[: F.shape[0]] = F @ V.T
+        if module in residuals:  # the private residual's directions follow the shared ones
+            RU, RV = (t.to(torch.float64) for t in residuals[module])
+            B[:, E.shape[1] : E.shape[1] + RU.shape[1]] = RU
+            A[F.shape[0] : F.shape[0] + RV.shape[1]] = RV.T
         b_shape = [mod["b_shape"][0], r, *mod["b_shape"][2:]]
         a_shape = [r, *mod["a_shape"][1:]]
         tensors[mod["b_key"]] = B.reshape(b_shape).to(dtype).contiguous()

@@ -20,7 +20,8 @@ from ..io.readers import find_adapters
 from ..store.manifest import DEFAULT_ZOO, MANIFEST, manifest_bytes, replaceable_zoo
 from ..store.storage import staged_directory
 from ..store.writer import write_zoo_files
-from .entries import adapter_entry, check_finite, finish_adapter_entry, model_key, now, source_keys
+from ..core.residual import fit_residuals
+from .entries import adapter_entry, check_finite, finish_adapter_entry, model_key, now, refresh_module_stats, relative, source_keys
 
 DEFAULT_ENERGY = 0.99
 DEFAULT_SWEEPS = 3
@@ -108,6 +109,7 @@ def merge(
     layout: str = "auto",
     budget: int | str | None = None,
     ratio: float | None = None,
+    max_error: float | None = None,
 ) -> Path:
     """Compress the adapters named by ``sources`` into a new zoo at ``zoo``; returns its path.
 
@@ -119,6 +121,9 @@ def merge(
     ``budget`` (bytes, or a size such as "3MB") or ``ratio`` (original bytes ÷ ratio) replace
     ``k``/``energy``: k per module and side and each module's core rank are chosen for the least
     error within that size of bases and cores (``core.budget``).
+    ``max_error`` X: every adapter whose exact relative error is above X after the shared fit
+    keeps a private low-rank residual, the least that brings it to ≤ X (``core.residual``); the
+    zoo records X and ``add`` holds it.
     """
     sources = list(sources)
     chosen = [flag for flag, value in (("-k", k), ("--energy", energy), ("--budget", budget), ("--ratio", ratio)) if value is not None]
@@ -132,6 +137,10 @@ def merge(
         raise ValueError("--ratio must be a positive number")
     if (budget is not None or ratio is not None) and shard is not None:
         raise ValueError("--budget and --ratio allocate across all modules: they cannot be sharded")
+    if max_error is not None and not (math.isfinite(max_error) and max_error > 0):
+        raise ValueError("--max-error must be a positive number")
+    if max_error is not None and shard is not None:
+        raise ValueError("--max-error is a figure per adapter over all its modules: it cannot be sharded")
     if k is not None and energy is not None:
         raise ValueError("give either k or energy, not both")
     if k is not None and k < 1:
@@ -182,7 +191,8 @@ def merge(
         sized = {"budget": limit}
     with staged_directory(target, replaceable_zoo if force else None, lock=True) as staging:
         with_extras = shard is None or shard[0] == 1  # heads go with the first part only
-        manifest = _build(adapters, shapes, batches, rule, method, sweeps, core_p or p, store, staging, progress, compute_on, with_extras)
+        manifest = _build(adapters, shapes, batches, rule, method, sweeps, core_p or p, store, staging, progress, compute_on,
+                          with_extras, max_error)
         if shard is not None:
             manifest["shard"] = {"index": shard[0], "count": shard[1]}
             manifest["shard_modules"] = total_modules  # how many the whole merge has: report says what this part lacks
@@ -196,6 +206,8 @@ def merge(
             p=p,
             dtype=store_name,
         )
+        if max_error is not None:
+            manifest["max_error"] = max_error
         staging.write_new(MANIFEST, [manifest_bytes(manifest)])
     return target
 
@@ -257,7 +269,8 @@ def _load(holders_of: dict[str, list[Adapter]], modules: list[str]) -> list[list
     return [[a.factors(module, None) for a in holders_of[module]] for module in modules]
 
 
-def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: Dir, progress, device, with_extras=True) -> dict:
+def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: Dir, progress, device, with_extras=True,
+           max_error=None) -> dict:
     """Compute every batch of modules (reading the next while this one computes), then write the files."""
     cores: dict[str, dict[str, torch.Tensor]] = {a.name: {} for a in adapters}
     entries = {a.name: adapter_entry(a, hashed=False) for a in adapters}
@@ -300,6 +313,8 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
     finally:  # on an error, stop what is queued rather than finish it
         reader.shutdown(wait=True, cancel_futures=True)
         hasher.shutdown(wait=True, cancel_futures=True)
+    if max_error is not None:
+        add_residuals(adapters, basis, cores, entries, max_error, store, progress)
     modules = {m: modules[m] for m in shapes}  # the manifest lists modules in name order
     for entry in entries.values():
         entry["modules"] = {m: entry["modules"][m] for m in shapes if m in entry["modules"]}
@@ -315,8 +330,46 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
                 mod["held_out_err2"] = loo[entry["name"], module]
         finish_adapter_entry(entry)
     manifest = write_zoo_files([a.name for a in adapters], basis, modules, cores, entries, extras, staging)
+    if max_error is not None:
+        refresh_module_stats(manifest)  # the residuals lowered some errors: each module's energy kept again
     manifest["created"] = manifest["updated"] = now()
     return manifest
+
+
+def add_residuals(adapters: list[Adapter], basis: dict, cores: dict, entries: dict, max_error: float,
+                  store: torch.dtype, progress=None) -> None:
+    """A private residual for each adapter above ``max_error`` after the shared fit (``core.residual``).
+
+    A second pass over those adapters alone: their factors are read again, one adapter at a time,
+    so memory holds one adapter's residual problem, never the zoo's.
+    """
+    over = [a for a in adapters if relative(sum(m["err2"] for m in entries[a.name]["modules"].values()),
+                                            sum(m["norm2"] for m in entries[a.name]["modules"].values())) > max_error]
+    for i, adapter in enumerate(over):
+        mods = entries[adapter.name]["modules"]
+        parts = {}
+        for module in mods:
+            b, a = adapter.factors(module, torch.float64)
+            U, V = (t.to(torch.float64) for t in (basis[f"{module}.U"], basis[f"{module}.V"]))
+            E, F = (cores[adapter.name][f"{module}.{x}"].to(torch.float64) for x in "EF")
+            parts[module] = (torch.cat([adapter.modules[module].scale * b, -(U @ E)], 1), torch.cat([a, F @ V.T], 0), 0.0)
+        target2 = max_error**2 * sum(m["norm2"] for m in mods.values())
+        fitted = fit_residuals(parts, target2, store)
+        if fitted is None:
+            raise InputError(adapter.source, f"--max-error {max_error:g} is below what {store_name(store)} storage can hold "
+                                             "for this adapter; store the zoo as float32 (--dtype float32)")
+        for module, (RU, RV, tail2) in fitted.items():
+            if RU.shape[1] == 0:
+                continue
+            check_finite(adapter.source, module, (RU, RV), (tail2,))
+            cores[adapter.name][f"{module}.RU"], cores[adapter.name][f"{module}.RV"] = RU, RV
+            mods[module]["residual"], mods[module]["err2"] = RU.shape[1], tail2
+        if progress:
+            progress(i + 1, len(over), f"residual {adapter.name}")
+
+
+def store_name(store: torch.dtype) -> str:
+    return next(name for name, dtype in STORE_DTYPES.items() if dtype == store)
 
 
 def _collect(module, n, d, holders, result, basis, modules, cores, entries) -> None:

@@ -60,7 +60,7 @@ def remove(zoo_path: str | Path, names: Iterable[str]) -> dict[str, float]:
                 mod["p"] = pair[0].shape[1]
                 drift2[t] = drift2.get(t, 0.0) + drifts[t]
         if moved:
-            write_generation(tx, manifest, bases, cores, {})
+            write_generation(tx, manifest, bases, cores, {}, {e["name"]: zoo.residuals(e["name"]) for e in manifest["adapters"]})
         for entry in manifest["adapters"]:
             finish_adapter_entry(entry)
         refresh_module_stats(manifest)

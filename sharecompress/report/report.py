@@ -19,7 +19,8 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
     """The report object. Errors are sqrt(Σ err² / Σ ‖ΔW‖²) over the pairs named.
 
     Byte counts are of the LoRA factors only: ``bytes_original`` the sources' lora_A/lora_B,
-    ``bytes_compressed`` the shared bases plus every adapter's cores. Non-LoRA extras (heads)
+    ``bytes_compressed`` the shared bases plus every adapter's cores and private residuals
+    (``bytes_residual``, from ``--max-error``). Non-LoRA extras (heads)
     are stored verbatim and counted apart in ``bytes_extras``. After an ``add`` an old adapter's
     error is the bound sqrt(err²) + drift (``exact`` false) unless ``measured`` — exact
     {adapter: {module: (err², norm²)}} from ``report --against`` — gives the exact figure.
@@ -28,21 +29,24 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
     item = ITEMSIZE[manifest.get("dtype", "float32")]
     modules = manifest["modules"]
     basis_bytes = sum((side_ks(m)[0] * m["shape"][0] + side_ks(m)[1] * m["shape"][1]) * item for m in modules.values())
-    coef_bytes = 0
+    coef_bytes = residual_bytes = 0
     total_err2 = total_norm2 = 0.0
     adapters = []
     for entry in manifest["adapters"]:
         per_module = {}
         exact = measured.get(entry["name"])
         pairs = {}
+        own_residual = 0
         for name, mod in entry["modules"].items():
             coef_bytes += sum(side_ks(modules[name])) * mod["p"] * item
+            own_residual += sum(modules[name]["shape"]) * mod.get("residual", 0) * item
             pairs[name] = exact[name] if exact else (module_bound2(mod), mod["norm2"])
             per_module[name] = relative(*pairs[name])
         err2 = sum(e for e, _ in pairs.values())
         norm2 = sum(n for _, n in pairs.values())
         total_err2 += err2
         total_norm2 += norm2
+        residual_bytes += own_residual
         adapters.append(
             {
                 "name": entry["name"],
@@ -54,13 +58,14 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
                 "merge_error": entry.get("merge_error", relative(err2, norm2)),
                 "drift": entry.get("drift", 0.0),
                 "bytes_original": entry["bytes_original"],
+                "bytes_residual": own_residual,
                 "init_similarity": init_similarity(entry),
                 "held_out_error": held_out_error(entry),
                 "modules": per_module,
             }
         )
     original = sum(e["bytes_original"] for e in manifest["adapters"])
-    compressed = basis_bytes + coef_bytes
+    compressed = basis_bytes + coef_bytes + residual_bytes
     return {
         "relative_error": relative(total_err2, total_norm2),
         "energy_kept": 1.0 - total_err2 / total_norm2 if total_norm2 > 0 else 1.0,
@@ -68,6 +73,8 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
         "bytes_compressed": compressed,
         "bytes_basis": basis_bytes,
         "bytes_coefficients": coef_bytes,
+        "bytes_residual": residual_bytes,
+        "max_error": manifest.get("max_error"),
         "bytes_extras": sum(e.get("bytes_extras", 0) for e in manifest["adapters"]),
         "budget": (manifest.get("k_rule") or {}).get("budget"),
         "shard": manifest.get("shard"),
@@ -116,16 +123,18 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
                       f"{len(report['modules'])} module(s); its figures cover those only. Join every part with "
                       "sharecompress combine for the zoo's")
     table = Table(title="sharecompress report", title_justify="left")
+    residuals = report.get("bytes_residual", 0) > 0
     for col, just in (("adapter", "left"), ("rank", "right"), ("p", "right"), ("rel. error", "right"),
-                      ("worst module", "right"), ("drift", "right")):
+                      ("worst module", "right"), ("drift", "right")) + ((("residual", "right"),) if residuals else ()):
         table.add_column(col, justify=just)
     for a in report["adapters"]:
         bound = "" if a["exact"] else "≤ "
         err = f"{bound}{a['relative_error']:.4g}"
         if max_error is not None and a["relative_error"] > max_error:
             err = f"[bold red]{err}[/]"
+        own = (human_bytes(a["bytes_residual"]) if a["bytes_residual"] else "-",) if residuals else ()
         table.add_row(escape(a["name"]), escape(str(a["rank"])), escape(str(a["p"])), err,
-                      f"{bound}{a['max_module_error']:.4g}", f"{a['drift']:.3g}")
+                      f"{bound}{a['max_module_error']:.4g}", f"{a['drift']:.3g}", *own)
     console.print(table)
     exact = all(a["exact"] for a in report["adapters"])
     if not exact:
@@ -141,9 +150,17 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
     console.print(f"{len(report['modules'])} modules: {k_text}")
     console.print(
         f"LoRA bytes: original {human_bytes(report['bytes_original'])} → basis {human_bytes(report['bytes_basis'])} + "
-        f"coefficients {human_bytes(report['bytes_coefficients'])} = {human_bytes(report['bytes_compressed'])}: "
+        f"coefficients {human_bytes(report['bytes_coefficients'])}"
+        + (f" + private residuals {human_bytes(report['bytes_residual'])}" if residuals else "")
+        + f" = {human_bytes(report['bytes_compressed'])}: "
         f"[bold]{report['compression_ratio']:.2f}×[/] all-in, {report['coefficient_ratio']:.2f}× coefficients only"
     )
+    if report.get("max_error") is not None:
+        above = [a["name"] for a in report["adapters"] if a["relative_error"] > report["max_error"]]
+        held = sum(1 for a in report["adapters"] if a["bytes_residual"])
+        console.print(f"error guarantee {report['max_error']:g} per adapter (--max-error): "
+                      + (f"[bold red]{len(above)} above it[/]" if above else "every adapter within it")
+                      + f"; {held} adapter{'' if held == 1 else 's'} hold a private residual")
     if report.get("budget"):
         over = report["bytes_compressed"] > report["budget"]
         console.print(f"size budget {human_bytes(report['budget'])} (merge --budget or --ratio): "

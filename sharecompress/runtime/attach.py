@@ -49,11 +49,12 @@ class Runtime:
         self._slot = {name: t for t, name in enumerate(self.names)}
         self.routing = Routing(len(self.names))
         self.modules: dict[str, tuple[str, nn.Module]] = {}  # zoo module → (model module, wrapper)
-        bases, cores, extras, manifest = zoo.consistent(lambda: (
-            zoo.bases(), [zoo.cores(n) for n in self.names], [zoo.extras(n) for n in self.names], zoo.manifest))
+        bases, cores, residuals, extras, manifest = zoo.consistent(lambda: (
+            zoo.bases(), [zoo.cores(n) for n in self.names], [zoo.residuals(n) for n in self.names],
+            [zoo.extras(n) for n in self.names], zoo.manifest))
         self.manifest = manifest  # the generation attached (``commit`` trains against these bases)
         index = ModelIndex(self.model)
-        plan = self._plan(zoo, index, bases, cores, extras)
+        plan = self._plan(zoo, index, bases, cores, extras, residuals)
         try:
             for target, make in plan:
                 self._patch(target, make)
@@ -68,7 +69,7 @@ class Runtime:
 
     # -- planning: every check before the model is touched --------------------------------
 
-    def _plan(self, zoo, index: ModelIndex, bases, cores, extras) -> list:
+    def _plan(self, zoo, index: ModelIndex, bases, cores, extras, residuals) -> list:
         layouts = zoo_module_layouts(zoo.manifest)
         plan, claimed = [], {}
         self._targets: dict[str, str] = {}
@@ -95,7 +96,8 @@ class Runtime:
             claimed[target] = module
             self._targets[module] = target
             per_adapter = [c.get(module) for c in cores]
-            plan.append((target, lambda o, U=U, V=V, p=per_adapter, w=WRAPPERS[kind]: w(o, self._bank(o, U, V, p))))
+            own = [r.get(module) for r in residuals]
+            plan.append((target, lambda o, U=U, V=V, p=per_adapter, r=own, w=WRAPPERS[kind]: w(o, self._bank(o, U, V, p, r))))
         heads: dict[str, list[dict[str, torch.Tensor] | None]] = {}
         self._head_names: dict[str, str] = {}  # model module → the name the zoo's adapters save it under
         self.skipped_heads: list[str] = []
@@ -129,9 +131,9 @@ class Runtime:
         dtype = self._dtype or (weight.dtype if weight is not None and weight.is_floating_point() else torch.float32)
         return device, dtype
 
-    def _bank(self, original: nn.Module, U, V, per_adapter) -> CoreBank:
+    def _bank(self, original: nn.Module, U, V, per_adapter, residuals=None) -> CoreBank:
         device, dtype = self._placement(original)
-        return CoreBank(U, V, per_adapter, self.routing, device, dtype)
+        return CoreBank(U, V, per_adapter, self.routing, device, dtype, residuals)
 
     def _to_module(self, original: nn.Module, tensors: dict[str, torch.Tensor] | None):
         """An adapter's saved tensors on the module's own device and dtype (they replace its

@@ -19,7 +19,8 @@ class CoreBank(nn.Module):
     """U (n × k_u), V (d × k_v) and, per distinct p, E (m, k_u, p) and F (m, p, k_v): non-persistent buffers."""
 
     def __init__(self, U: torch.Tensor, V: torch.Tensor, cores: list[tuple[torch.Tensor, torch.Tensor] | None],
-                 routing: Routing, device: torch.device, dtype: torch.dtype) -> None:
+                 routing: Routing, device: torch.device, dtype: torch.dtype,
+                 residuals: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> None:
         super().__init__()
         self.routing = routing
         self.register_buffer("U", U.to(device=device, dtype=dtype).contiguous(), persistent=False)
@@ -44,6 +45,13 @@ class CoreBank(nn.Module):
         self.stack_of, self.position = stack_of.tolist(), position.tolist()
         self.register_buffer("_stack_of", stack_of.to(device), persistent=False)
         self.register_buffer("_position", position.to(device), persistent=False)
+        # private residuals (``merge --max-error``): slot → (RU n × q, RV d × q), each its own low-rank path
+        self.residual_slots: list[int] = []
+        for t, pair in enumerate(residuals or []):
+            if pair is not None and pair[0].shape[1] > 0:
+                self.register_buffer(f"RU{t}", pair[0].to(device=device, dtype=dtype).contiguous(), persistent=False)
+                self.register_buffer(f"RV{t}", pair[1].to(device=device, dtype=dtype).contiguous(), persistent=False)
+                self.residual_slots.append(t)
         self._plan: tuple[tuple, list] | None = None
         self._active: tuple[int, bool] | None = None
         self._folded: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
@@ -51,8 +59,19 @@ class CoreBank(nn.Module):
     def stacks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(getattr(self, f"E{i}"), getattr(self, f"F{i}")) for i in range(len(self.widths))]
 
+    def residual(self, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(RU, RV) of the adapter in ``slot``, or None when it has no private residual here."""
+        return (getattr(self, f"RU{slot}"), getattr(self, f"RV{slot}")) if slot in self.residual_slots else None
+
+    def residual_rows(self, rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """[(slot, its rows)] of the batch's adapters that hold a private residual here."""
+        if not self.residual_slots:
+            return []
+        return [(t, sel) for t in self.residual_slots if (sel := (rows == t).nonzero().squeeze(1)).numel()]
+
     def core_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self.stacks() for t in pair)
+        own = sum(getattr(self, f"R{x}{t}").numel() * self.U.element_size() for t in self.residual_slots for x in "UV")
+        return sum(t.numel() * t.element_size() for pair in self.stacks() for t in pair) + own
 
     def folded_bytes(self) -> int:
         """The single adapter's folded factors, while cached (see ``folded``)."""
@@ -67,9 +86,9 @@ class CoreBank(nn.Module):
         """False when no row of the next forward has a core here (the base model, or adapters without this module)."""
         r = self.routing
         if r.rows is None:
-            return self.stack_of[r.single] >= 0
+            return self.stack_of[r.single] >= 0 or r.single in self.residual_slots
         if self._active is None or self._active[0] != r.version:
-            self._active = (r.version, any(self.stack_of[s] >= 0 for s in r.rows.tolist()))
+            self._active = (r.version, any(self.stack_of[s] >= 0 or s in self.residual_slots for s in r.rows.tolist()))
         return self._active[1]
 
     def _rows_plan(self, rows: torch.Tensor) -> list:
@@ -94,9 +113,16 @@ class CoreBank(nn.Module):
         """
         key = (self.routing.version, torch.is_inference_mode_enabled())
         if self._folded is None or self._folded[0] != key:
-            E, F = self.stacks()[self.stack_of[self.routing.single]]
-            at = self.position[self.routing.single]
-            self._folded = (key, F[at] @ self.V.mT, self.U @ E[at])
+            slot = self.routing.single
+            A, B = self.V.new_zeros(0, self.V.shape[0]), self.U.new_zeros(self.U.shape[0], 0)
+            if self.stack_of[slot] >= 0:
+                E, F = self.stacks()[self.stack_of[slot]]
+                at = self.position[slot]
+                A, B = F[at] @ self.V.mT, self.U @ E[at]
+            own = self.residual(slot)
+            if own is not None:  # the private residual's directions join the adapter's own factors
+                A, B = torch.cat([A, own[1].mT]), torch.cat([B, own[0]], 1)
+            self._folded = (key, A, B)
         return self._folded[1], self._folded[2]
 
     def forget(self) -> None:
@@ -107,6 +133,8 @@ class CoreBank(nn.Module):
         """z (B, …, k_v) = x·V for the batch → the update (B, …, n): each row through its own core, then ·Uᵀ."""
         r = self.routing
         if r.rows is None:
+            if self.stack_of[r.single] < 0:  # only a private residual here
+                return z.new_zeros(*z.shape[:-1], self.U.shape[0])
             E, F = self.stacks()[self.stack_of[r.single]]
             at = self.position[r.single]
             return ((z @ F[at].mT) @ E[at].mT) @ self.U.mT

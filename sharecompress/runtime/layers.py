@@ -40,7 +40,17 @@ class SharedLayer(Wrapper):
         return delta
 
     def _zoo_delta(self, x: torch.Tensor) -> torch.Tensor:
-        return self.place(self.bank.lift(self.project(x, self.bank.V)))
+        """Every row's update through the shared bases, plus, for adapters that hold one, their private residual."""
+        delta = self.place(self.bank.lift(self.project(x, self.bank.V)))
+        routing = self.bank.routing
+        if routing.rows is None:
+            own = self.bank.residual(routing.single)
+            return delta if own is None else delta + self.place(self.project(x, own[1]) @ own[0].mT)
+        for slot, rows in self.bank.residual_rows(routing.rows_on(x.device, x.shape[0])):
+            RU, RV = self.bank.residual(slot)
+            rows = rows.to(delta.device)
+            delta = delta.index_add(0, rows, _like(self.place(self.project(x[rows], RV) @ RU.mT), delta))
+        return delta
 
     def _live_delta(self, x: torch.Tensor) -> torch.Tensor:
         U, V = self.live.bases(self.bank.U, self.bank.V)

@@ -115,6 +115,16 @@ class ZooReader:
             cores[m] = (self._tensor(f, f"{m}.E", [ku, mod["p"]]), self._tensor(f, f"{m}.F", [mod["p"], kv]))
         return cores
 
+    def residuals(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{module: (RU, RV)} of one adapter's private residuals (``merge --max-error``), where it has one."""
+        entry = self.adapter(name)
+        held = {m: mod["residual"] for m, mod in entry["modules"].items() if mod.get("residual")}
+        if not held:
+            return {}
+        f = self._file(entry["file"], entry["file_sha256"])
+        return {m: (self._tensor(f, f"{m}.RU", [self.modules[m]["shape"][0], q]), self._tensor(f, f"{m}.RV", [self.modules[m]["shape"][1], q]))
+                for m, q in held.items()}
+
     def extras(self, name: str) -> dict[str, torch.Tensor]:
         entry = self.adapter(name)
         if not entry.get("extras_file"):

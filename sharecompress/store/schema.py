@@ -117,6 +117,8 @@ def _check(m: dict) -> None:
             _num(rule["energy"], "k_rule.energy", 0.0)
         if rule.get("budget") is not None:
             _int(rule["budget"], "k_rule.budget", 1)
+    if m.get("max_error") is not None:
+        _num(m["max_error"], "max_error", 0.0)
     if m.get("shard") is not None:
         shard = _obj(m["shard"], "shard")
         count = _int(shard.get("count"), "shard.count", 1, 1 << 20)
@@ -211,6 +213,8 @@ def _check_adapter_module(field: str, module: str, mod: dict, modules: dict) -> 
     info = modules[module]
     ku, kv = info["k_u"], info["k_v"]
     p = _int(mod.get("p"), f"{field}.p", 0, min(ku, kv))
+    if mod.get("residual") is not None:
+        _int(mod["residual"], f"{field}.residual", 0, min(info["shape"]))
     _int(mod.get("rank"), f"{field}.rank", 1)
     _num(mod.get("scale"), f"{field}.scale", None)
     for key in ("err2", "norm2", "drift"):

@@ -74,6 +74,10 @@ def _verify_once(path: Path) -> tuple[list[str], list[str], str | None]:
                 ku, kv = side_ks(modules[name])
                 expect(cores, f"{name}.E", [ku, mod["p"]])
                 expect(cores, f"{name}.F", [mod["p"], kv])
+                if mod.get("residual"):
+                    n, d = modules[name]["shape"]
+                    expect(cores, f"{name}.RU", [n, mod["residual"]])
+                    expect(cores, f"{name}.RV", [d, mod["residual"]])
         if entry.get("extras_file"):
             extras = open_checked(entry["extras_file"], entry["extras_sha256"])
             if extras is not None:
