@@ -202,6 +202,7 @@ def add(
     max_error: Optional[float] = typer.Option(
         None, "--max-error", help="Hold every adapter's relative error (bound) ≤ this with private residuals (default: the zoo's, from merge --max-error)."
     ),
+    anchors: int = typer.Option(4, "--anchors", help="Earlier basis generations kept so that old adapters' error bounds stay tight (each costs one basis file; 0 keeps none)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
     """Fold new adapters into a zoo without the original adapters.
@@ -212,7 +213,7 @@ def add(
 
     with user_errors(), module_progress(not quiet, "adding") as progress:
         opened = Zoo.open(zoo)
-        drift = opened.add(sources, grow=grow, rank=rank, alpha=alpha, progress=progress, layout=layout, max_error=max_error)
+        drift = opened.add(sources, grow=grow, rank=rank, alpha=alpha, progress=progress, layout=layout, max_error=max_error, anchors=anchors)
     if not quiet:
         worst = max(drift.items(), key=lambda kv: kv[1], default=None)
         err.print(

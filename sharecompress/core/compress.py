@@ -9,6 +9,7 @@ from typing import Callable, Any
 import torch
 
 from . import linalg
+from .bounds import merge_parts
 from . import METHODS  # noqa: F401  (re-exported: merge and the CLI read it here)
 
 
@@ -36,6 +37,7 @@ class AdapterCore:
     F: torch.Tensor
     err2: float
     norm2: float
+    parts: list[float] | None = None  # ‖R‖ on the four parts of the bases (``bounds.merge_parts``): an anchor's
 
 
 @dataclass
@@ -206,8 +208,9 @@ def project_all(
     E, F = linalg.split_cores(P, Q, s64, keeps, ranks)
     E, F = E.to(store), F.to(store)
     err2, norm2 = linalg.squared_errors(B64, A64, s64, U64, E, F, V64, P, Q)
+    parts = merge_parts(U64, V64, P, Q, B64, A64, s64, E, F).tolist()
     return [
-        AdapterCore(E[t, :, :kp].contiguous(), F[t, :kp].contiguous(), float(err2[t]), float(norm2[t]))
+        AdapterCore(E[t, :, :kp].contiguous(), F[t, :kp].contiguous(), float(err2[t]), float(norm2[t]), parts[t])
         for t, kp in enumerate(keeps)
     ]
 
@@ -275,7 +278,7 @@ def compress_batch(
         U_st, V_st = U.to(store).contiguous(), V.to(store).contiguous()
         cores = project_all(U_st, V_st, B[g], A[g], s[g], ranks[g], ps[g], store)
         cpu = lambda t: t.cpu().contiguous()  # noqa: E731
-        cores = [AdapterCore(cpu(c.E), cpu(c.F), c.err2, c.norm2) for c in cores]
+        cores = [AdapterCore(cpu(c.E), cpu(c.F), c.err2, c.norm2, c.parts) for c in cores]
         results.append(ModuleResult(cpu(U_st), cpu(V_st), cores, curve.cpu(), done))
         if finished:
             finished(g)  # a progress bar advances per module, not per batch

@@ -17,11 +17,14 @@ import torch
 from ..core import linalg
 from ..io.adapter import Adapter
 from ..core.compress import KRule, module_bases, pad_stack, project_all
+from ..core.bounds import orthonormal, parts_of
 from ..core.residual import fit_residuals
 from ..errors import InputError, ZooError
 from ..store.reader import ZooReader
 from ..store.writer import unique_stem, write_adapter_files
-from .entries import adapter_entry, check_finite, finish_adapter_entry, model_key, now, refresh_module_stats, relative, source_keys
+from .anchors import KEEP, Anchors, anchor_here, move, prune, stored_factors
+from .entries import (adapter_entry, check_finite, finish_adapter_entry, model_key, module_bound2, now, refresh_module_stats,
+                      relative, source_keys)
 from .merge import STORE_DTYPES, store_name as manifest_dtype
 from ..io.formats import zoo_module_layouts
 from ..io.readers import find_adapters
@@ -148,6 +151,7 @@ def add(
     progress: Callable[[int, int, str], None] | None = None,
     layout: str = "auto",
     max_error: float | None = None,
+    anchors: int = KEEP,
 ) -> dict:
     """Fold ``sources`` into the zoo, one adapter at a time; returns {old adapter: relative drift}.
 
@@ -159,7 +163,7 @@ def add(
     zoo_path = Path(zoo_path)
     known = zoo_module_layouts(ZooReader(zoo_path).manifest)  # not a zoo → clear error before reading any source
     adapters = find_adapters(list(sources), rank=rank, alpha=alpha, layout=layout, known=known)
-    return add_adapters(zoo_path, adapters, grow=grow, progress=progress, max_error=max_error)
+    return add_adapters(zoo_path, adapters, grow=grow, progress=progress, max_error=max_error, anchors=anchors)
 
 
 def add_adapters(
@@ -167,6 +171,7 @@ def add_adapters(
     progress: Callable[[int, int, str], None] | None = None,
     keep: dict[str, tuple[int, int]] | None = None,
     max_error: float | None = None,
+    anchors: int = KEEP,
 ) -> dict:
     """``add`` on adapters already read (from files, or trained in the zoo's subspace: ``ops.commit``).
 
@@ -175,9 +180,12 @@ def add_adapters(
     ``max_error`` (default: the zoo's own, from ``merge --max-error``) holds every adapter's error
     ≤ X: a new adapter above it gets a private residual, and an old one whose bound this add would
     lift above it folds what the add moved into its residual (``absorb_drift``).
+    ``anchors``: how many earlier basis generations to keep for tight bounds (``ops.anchors``).
     """
     if max_error is not None and not (math.isfinite(max_error) and max_error > 0):
         raise ValueError("--max-error must be a positive number")
+    if anchors < 0:
+        raise ValueError("--anchors must be 0 or more")
     with Transaction(zoo_path) as tx:
         manifest = tx.manifest  # edited in place: on failure the transaction publishes nothing
         check_new(manifest, adapters)
@@ -188,8 +196,11 @@ def add_adapters(
         cores = {e["name"]: zoo.cores(e["name"]) for e in manifest["adapters"]}
         residuals = {e["name"]: zoo.residuals(e["name"]) for e in manifest["adapters"]}
         entries = {e["name"]: e for e in manifest["adapters"]}
-        # each adapter as it stood before this add moved it: what a bound over X is taken back to
-        before = {t: _state(bases, cores[t], residuals[t], entries[t]) for t in cores} if limit is not None else {}
+        # each old adapter before this add moved it: (its bound, its summed drift) per module, and, where
+        # a limit may make it take its drift back, its reconstruction as factors
+        prior = {t: {m: (module_bound2(mod), mod.get("drift", 0.0)) for m, mod in entries[t]["modules"].items()} for t in cores}
+        old_bases = dict(bases)  # references to the tensors, no copies
+        before = {t: (old_bases, dict(cores[t]), residuals[t]) for t in cores} if limit is not None else {}
         step_drift: dict[str, float] = {}
         steps = sum(len(a.modules) for a in adapters)
         done_steps = 0
@@ -216,7 +227,7 @@ def add_adapters(
                 for t, pair in moved.items():
                     cores[t][module] = pair
                     mod = entries[t]["modules"][module]
-                    mod["drift"] = mod.get("drift", 0.0) + drifts[t] ** 0.5
+                    move(mod, drifts[t] ** 0.5)
                     mod["p"] = pair[0].shape[1]
                     step_drift[t] = step_drift.get(t, 0.0) + drifts[t]
                 E, F, err2, norm2 = new
@@ -231,82 +242,89 @@ def add_adapters(
                     progress(done_steps, steps, f"{adapter.name}: {module}")
             cores[adapter.name] = new_cores
             residuals[adapter.name] = {}
-            if limit is not None:
-                residuals[adapter.name] = _own_residual(adapter, entry, bases, new_cores, limit, store)
-                before[adapter.name] = _state(bases, new_cores, residuals[adapter.name], entry)
             entry["file"] = None
             entries[adapter.name] = entry
             manifest["adapters"].append(entry)
-        if limit is not None:
-            for t in step_drift:
-                moved2 = absorb_drift(t, entries[t], before[t], bases, cores[t], residuals, limit, store, zoo_path)
+
+        fresh = {a.name: a for a in adapters}
+        for adapter in adapters:  # measured again where they end: exact, even when a later one moved them
+            residuals[adapter.name] = measure_new(adapter, entries[adapter.name], bases, cores[adapter.name], limit, store)
+        tight = Anchors(zoo)
+        for t in [t for t in step_drift if t not in fresh]:
+            tight.tighten(entries[t], bases, cores[t], residuals[t])
+            if limit is not None:
+                moved2 = absorb_drift(t, entries[t], before[t], prior[t], bases, cores[t], residuals, limit, store, zoo_path)
                 if moved2 is not None:
                     step_drift[t] = moved2
+                    tight.tighten(entries[t], bases, cores[t], residuals[t])
+        if limit is not None:
             manifest["max_error"] = limit
 
-        write_generation(tx, manifest, bases, cores, {a.name: a for a in adapters}, residuals)
+        write_generation(tx, manifest, bases, cores, fresh, residuals)
+        for name in fresh:
+            anchor_here(manifest, entries[name], tx.root)
+        prune(manifest, anchors)
+        for entry in manifest["adapters"]:
+            finish_adapter_entry(entry)
         refresh_module_stats(manifest)
         manifest["updated"] = now()
         tx.commit(manifest)
     norms = {e["name"]: e["norm2"] for e in manifest["adapters"]}
-    return {t: (v / norms[t]) ** 0.5 if norms[t] > 0 else 0.0 for t, v in step_drift.items()}
+    return {t: (v / norms[t]) ** 0.5 if norms[t] > 0 else 0.0 for t, v in step_drift.items() if t not in fresh}
 
 
-def _state(bases: dict, cores: dict, residuals: dict, entry: dict) -> dict:
-    """{module: (L, R, drift so far)}: an adapter's reconstruction as factors, L·R = U·E·F·Vᵀ + RU·RVᵀ."""
-    out = {}
-    for module, (E, F) in cores.items():
-        U, V = (t.to(f64) for t in bases[module])
-        L, R = [U @ E.to(f64)], [F.to(f64) @ V.T]
-        if module in residuals:
-            L.append(residuals[module][0].to(f64))
-            R.append(residuals[module][1].to(f64).T)
-        out[module] = (torch.cat(L, 1), torch.cat(R, 0), entry["modules"][module].get("drift", 0.0))
-    return out
-
-
-def _own_residual(adapter: Adapter, entry: dict, bases: dict, new_cores: dict, limit: float, store: torch.dtype) -> dict:
-    """A new adapter's private residual where its exact error is above ``limit`` (as ``merge --max-error``)."""
+def measure_new(adapter: Adapter, entry: dict, bases: dict, cores: dict, limit: float | None, store: torch.dtype) -> dict:
+    """A new adapter where the add leaves it: its exact error per module (a later adapter of the same
+    add may have moved it), a private residual where that is above ``limit``, and each module's
+    ``err_parts`` (its anchor is this generation, ``ops.anchors``). Returns its residuals."""
     mods = entry["modules"]
-    norm2 = sum(m["norm2"] for m in mods.values())
-    if relative(sum(m["err2"] for m in mods.values()), norm2) <= limit:
-        return {}
     parts = {}
-    for module, (E, F) in new_cores.items():
+    for module, (E, F) in cores.items():
         b, a = adapter.factors(module)
-        U, V = (t.to(f64) for t in bases[module])
-        parts[module] = (torch.cat([adapter.modules[module].scale * b, -(U @ E.to(f64))], 1), torch.cat([a, F.to(f64) @ V.T], 0), 0.0)
-    fitted = fit_residuals(parts, limit**2 * norm2, store)
-    if fitted is None:
-        raise InputError(adapter.source, f"--max-error {limit:g} is below what {manifest_dtype(store)} storage can hold for this adapter")
-    out = {}
-    for module, (RU, RV, tail2) in fitted.items():
-        if RU.shape[1]:
-            check_finite(adapter.source, module, (RU, RV), (tail2,))
-            out[module] = (RU, RV)
-            mods[module]["residual"], mods[module]["err2"] = RU.shape[1], tail2
+        scale = adapter.modules[module].scale
+        U, V = bases[module]
+        parts[module] = (torch.cat([scale * b, -(U.to(f64) @ E.to(f64))], 1), torch.cat([a, F.to(f64) @ V.to(f64).T], 0), 0.0)
+        mod = mods[module]
+        mod["err2"], _ = linalg.squared_error(b, a, scale, U, E, F, V)
+        mod["drift"], mod["p"] = 0.0, E.shape[1]
+        mod.pop("bound2", None)
+    norm2 = sum(m["norm2"] for m in mods.values())
+    out: dict = {}
+    if limit is not None and relative(sum(m["err2"] for m in mods.values()), norm2) > limit:
+        fitted = fit_residuals(parts, limit**2 * norm2, store)
+        if fitted is None:
+            raise InputError(adapter.source, f"--max-error {limit:g} is below what {manifest_dtype(store)} storage can hold for this adapter")
+        for module, (RU, RV, tail2) in fitted.items():
+            if RU.shape[1]:
+                check_finite(adapter.source, module, (RU, RV), (tail2,))
+                out[module] = (RU, RV)
+                mods[module]["residual"], mods[module]["err2"] = RU.shape[1], tail2
+    for module, (L, R, _) in parts.items():
+        if module in out:
+            L, R = torch.cat([L, -out[module][0].to(f64)], 1), torch.cat([R, out[module][1].to(f64).T], 0)
+        U, V = bases[module]
+        mods[module]["err_parts"] = parts_of(orthonormal(U), orthonormal(V), L, R)
     return out
 
 
-def absorb_drift(name: str, entry: dict, before: dict, bases: dict, cores: dict, residuals: dict,
+def absorb_drift(name: str, entry: dict, before: dict, prior: dict, bases: dict, cores: dict, residuals: dict,
                  limit: float, store: torch.dtype, zoo_path: Path) -> float | None:
     """Hold an old adapter's bound ≤ ``limit`` after this add moved it; returns its new drift² (None: untouched).
 
-    Without the original, its error is known only as a bound: its error before the add (floor,
-    per module) plus how far the add moved it. Where that goes above the limit, the adapter's
-    private residual is refit on M = (its reconstruction before) − (the new shared part), the
-    least that brings the bound back to ≤ limit; the add's drift is then ‖M − RU·RVᵀ‖.
+    Without the original, its error is known only as a bound: its bound before the add (floor, per
+    module) plus how far the add moved it. Where that goes above the limit, the adapter's private
+    residual is refit on M = (its reconstruction before) − (the new shared part), the least that
+    brings the bound back to ≤ limit; the add's drift is then ‖M − RU·RVᵀ‖.
     """
     finish_adapter_entry(entry)
     if entry["relative_error"] <= limit:
         return None
     mods = entry["modules"]
     parts = {}
-    for module, (L0, R0, drift0) in before.items():
+    for module, (L0, R0) in stored_factors(*before).items():
         U, V = (t.to(f64) for t in bases[module])
         E, F = (t.to(f64) for t in cores[module])
-        floor = mods[module]["err2"] ** 0.5 + drift0
-        parts[module] = (torch.cat([L0, -(U @ E)], 1), torch.cat([R0, F @ V.T], 0), floor)
+        parts[module] = (torch.cat([L0, -(U @ E)], 1), torch.cat([R0, F @ V.T], 0), prior[module][0] ** 0.5)
     fitted = fit_residuals(parts, limit**2 * entry["norm2"], store)
     if fitted is None:
         bound = relative(sum(p[2] ** 2 for p in parts.values()), entry["norm2"])
@@ -317,13 +335,15 @@ def absorb_drift(name: str, entry: dict, before: dict, bases: dict, cores: dict,
     total = 0.0
     for module, (RU, RV, tail2) in fitted.items():
         check_finite(name, module, (RU, RV), (tail2,))
+        mod = mods[module]
         if RU.shape[1]:
             residuals[name][module] = (RU, RV)
-        if RU.shape[1]:
-            mods[module]["residual"] = RU.shape[1]
+            mod["residual"] = RU.shape[1]
         else:
-            mods[module].pop("residual", None)
-        mods[module]["drift"] = before[module][2] + tail2**0.5
+            mod.pop("residual", None)
+        bound2, drift = prior[module]
+        mod["drift"] = drift + tail2**0.5
+        mod["bound2"] = (bound2**0.5 + tail2**0.5) ** 2
         total += tail2
     return total
 

@@ -16,6 +16,7 @@ from ..store.manifest import MANIFEST, manifest_bytes, replaceable_zoo
 from ..store.reader import ZooReader
 from ..store.storage import staged_directory
 from ..store.writer import write_zoo_files
+from .anchors import anchor_here
 from .entries import finish_adapter_entry, now
 from .merge import check_target
 
@@ -64,13 +65,15 @@ def combine(parts: Iterable[str | os.PathLike], zoo: str | os.PathLike, force: b
     modules = dict(sorted(modules.items()))
     for entry in entries.values():
         entry["modules"] = dict(sorted(entry["modules"].items()))
-        for key in ("file", "file_sha256", "extras_file", "extras_sha256"):
+        for key in ("file", "file_sha256", "extras_file", "extras_sha256", "anchor"):
             entry.pop(key, None)
         finish_adapter_entry(entry)  # its modules now come from every part
     extras = {name: (lambda n=name: extras_from[n].extras(n) if n in extras_from else {}) for name in names}
 
     with staged_directory(target, replaceable_zoo if force else None, lock=True) as staging:
         manifest = write_zoo_files(names, basis, modules, cores, entries, extras, staging)
+        for entry in manifest["adapters"]:
+            anchor_here(manifest, entry, staging)  # each part's slacks hold for the same bases, now in one file
         manifest.update({key: first.manifest.get(key) for key in _SAME})
         manifest["combined_from"] = count
         manifest["created"] = manifest["updated"] = now()

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..core import linalg
+from ..core.bounds import orthonormal, parts_of
 from ..errors import InputError
 from ..io.adapter import Adapter, LoraModule
 from ..io.formats import PEFT_PREFIX
@@ -30,6 +31,7 @@ from ..store.reader import ZooReader
 from ..store.transaction import Transaction
 from ..store.writer import unique_stem, write_adapter_files
 from .add import add_adapters, check_new
+from .anchors import anchor_here
 from .entries import adapter_entry, check_finite, finish_adapter_entry, now, refresh_module_stats, source_keys
 from .merge import STORE_DTYPES
 
@@ -145,12 +147,15 @@ def _commit_in_span(tx: Transaction, adapter: Adapter, modules: dict[str, Traine
         norm2 = float(((X1.mT @ X1) * (Y1 @ Y1.mT)).sum())
         check_finite(adapter.source, module, (E, F), (err2, norm2))
         tensors[f"{module}.E"], tensors[f"{module}.F"] = E, F
+        QU, QV = orthonormal(bases[module][0]), orthonormal(bases[module][1])
         entry["modules"][module] = {"rank": E.shape[1], "scale": 1.0, "p": E.shape[1], "err2": err2, "norm2": norm2,
-                                    "drift": 0.0, **source_keys(adapter.modules[module])}
+                                    "drift": 0.0, "err_parts": parts_of(QU, QV, torch.cat([X1, -X2], 1), torch.cat([Y1, Y2], 0)),
+                                    **source_keys(adapter.modules[module])}
     used = {Path(e["file"]).name.split(".")[0].lower() for e in manifest["adapters"] if e.get("file")}
     entry.update(write_adapter_files(tx.adapters, unique_stem(adapter.name, used), tensors, adapter.extra_tensors(), tx.generation))
     finish_adapter_entry(entry)
     manifest["adapters"].append(entry)
+    anchor_here(manifest, entry, tx.root)  # exact against the trained update, on the bases as they are
     refresh_module_stats(manifest)
     manifest["updated"] = now()
     tx.commit(manifest)

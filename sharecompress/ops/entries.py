@@ -77,8 +77,10 @@ def refresh_module_stats(manifest: dict) -> None:
 
 
 def module_bound2(module: dict) -> float:
-    """Squared upper bound on a module's error: (sqrt(err²) + accumulated drift)²."""
-    return (module["err2"] ** 0.5 + module.get("drift", 0.0)) ** 2
+    """Squared upper bound on a module's error: (sqrt(err²) + accumulated drift)², or the tighter
+    ``bound2`` an anchor gave (``ops.anchors``) where there is one."""
+    chain = (module["err2"] ** 0.5 + module.get("drift", 0.0)) ** 2
+    return min(chain, module["bound2"]) if module.get("bound2") is not None else chain
 
 
 def check_finite(source: object, module: str, tensors, figures) -> None:

@@ -20,7 +20,9 @@ from ..io.readers import find_adapters
 from ..store.manifest import DEFAULT_ZOO, MANIFEST, manifest_bytes, replaceable_zoo
 from ..store.storage import staged_directory
 from ..store.writer import write_zoo_files
+from ..core.bounds import orthonormal, parts_of
 from ..core.residual import fit_residuals
+from .anchors import anchor_here
 from .entries import adapter_entry, check_finite, finish_adapter_entry, model_key, now, refresh_module_stats, relative, source_keys
 
 DEFAULT_ENERGY = 0.99
@@ -330,6 +332,8 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
                 mod["held_out_err2"] = loo[entry["name"], module]
         finish_adapter_entry(entry)
     manifest = write_zoo_files([a.name for a in adapters], basis, modules, cores, entries, extras, staging)
+    for entry in manifest["adapters"]:
+        anchor_here(manifest, entry, staging)  # every adapter's error is exact here: the first anchor
     if max_error is not None:
         refresh_module_stats(manifest)  # the residuals lowered some errors: each module's energy kept again
     manifest["created"] = manifest["updated"] = now()
@@ -364,6 +368,9 @@ def add_residuals(adapters: list[Adapter], basis: dict, cores: dict, entries: di
             check_finite(adapter.source, module, (RU, RV), (tail2,))
             cores[adapter.name][f"{module}.RU"], cores[adapter.name][f"{module}.RV"] = RU, RV
             mods[module]["residual"], mods[module]["err2"] = RU.shape[1], tail2
+            L, R, _ = parts[module]
+            QU, QV = orthonormal(basis[f"{module}.U"]), orthonormal(basis[f"{module}.V"])
+            mods[module]["err_parts"] = parts_of(QU, QV, torch.cat([L, -RU.to(torch.float64)], 1), torch.cat([R, RV.to(torch.float64).T], 0))
         if progress:
             progress(i + 1, len(over), f"residual {adapter.name}")
 
@@ -390,6 +397,7 @@ def _collect(module, n, d, holders, result, basis, modules, cores, entries) -> N
             "err2": core.err2,
             "norm2": core.norm2,
             "drift": 0.0,
+            "err_parts": core.parts,  # what its anchor's bound needs later (``ops.anchors``)
             **source_keys(spec),
         }
 

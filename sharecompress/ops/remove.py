@@ -20,6 +20,7 @@ from ..errors import ZooError
 from ..store.reader import ZooReader
 from ..store.transaction import Transaction
 from .add import fold_module, module_info, write_generation
+from .anchors import KEEP, Anchors, move, prune
 from .entries import check_finite, finish_adapter_entry, now, refresh_module_stats
 from .merge import STORE_DTYPES
 
@@ -56,11 +57,17 @@ def remove(zoo_path: str | Path, names: Iterable[str]) -> dict[str, float]:
             for t, pair in new_cores.items():
                 cores[t][module] = pair
                 mod = next(e for e in manifest["adapters"] if e["name"] == t)["modules"][module]
-                mod["drift"] = mod.get("drift", 0.0) + drifts[t] ** 0.5
+                move(mod, drifts[t] ** 0.5)
                 mod["p"] = pair[0].shape[1]
                 drift2[t] = drift2.get(t, 0.0) + drifts[t]
+        residuals = {e["name"]: zoo.residuals(e["name"]) for e in manifest["adapters"]}
+        tight = Anchors(zoo)
+        for entry in manifest["adapters"]:
+            if entry["name"] in drift2:
+                tight.tighten(entry, bases, cores[entry["name"]], residuals[entry["name"]])
         if moved:
-            write_generation(tx, manifest, bases, cores, {}, {e["name"]: zoo.residuals(e["name"]) for e in manifest["adapters"]})
+            write_generation(tx, manifest, bases, cores, {}, residuals)
+        prune(manifest, KEEP)  # anchors only removed adapters used go with them
         for entry in manifest["adapters"]:
             finish_adapter_entry(entry)
         refresh_module_stats(manifest)

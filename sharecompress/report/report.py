@@ -65,6 +65,10 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
             }
         )
     original = sum(e["bytes_original"] for e in manifest["adapters"])
+    # earlier generations' files kept so that figures after adds stay tight (``ops.anchors``): the
+    # current basis and cores files are counted above already
+    anchor_bytes = sum(a["bytes"] for rel, a in (manifest.get("anchors") or {}).items() if rel != manifest["basis_file"])
+    anchor_bytes += sum(e["anchor"]["bytes"] for e in manifest["adapters"] if e.get("anchor") and e["anchor"]["file"] != e["file"])
     compressed = basis_bytes + coef_bytes + residual_bytes
     return {
         "relative_error": relative(total_err2, total_norm2),
@@ -74,6 +78,7 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
         "bytes_basis": basis_bytes,
         "bytes_coefficients": coef_bytes,
         "bytes_residual": residual_bytes,
+        "bytes_anchors": anchor_bytes,
         "max_error": manifest.get("max_error"),
         "bytes_extras": sum(e.get("bytes_extras", 0) for e in manifest["adapters"]),
         "budget": (manifest.get("k_rule") or {}).get("budget"),
@@ -182,5 +187,8 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
             f"(cosine ≥ {SHARED_INIT}, median over modules): they share an initialisation, so part of what the bases "
             "share is that common start, not learned structure; a new task trained from another seed will fit less well"
         )
+    if report.get("bytes_anchors"):
+        console.print(f"anchors: {human_bytes(report['bytes_anchors'])} of earlier generations kept so that the bounds of "
+                      "adapters moved by adds stay tight (add --anchors N; in neither figure)")
     if report["bytes_extras"]:
         console.print(f"non-LoRA tensors kept verbatim: {human_bytes(report['bytes_extras'])} (in neither figure)")

@@ -91,7 +91,8 @@ def manifest_bytes(manifest: dict) -> bytes:
 
 def file_digests(manifest: dict) -> dict[str, str]:
     """{file the manifest names: its sha256}."""
-    digests = {manifest["basis_file"]: manifest["basis_sha256"]}
+    digests = {rel: sha for rel, (sha, _) in anchor_files(manifest).items()}
+    digests[manifest["basis_file"]] = manifest["basis_sha256"]
     for entry in manifest["adapters"]:
         digests[entry["file"]] = entry["file_sha256"]
         if entry.get("extras_file"):
@@ -149,8 +150,23 @@ def expected_bytes(manifest: dict, relative: str) -> int:
             for m, mod in entry["modules"].items():
                 ku, kv = side_ks(modules[m])
                 total += (ku + kv) * mod["p"] * item + 2 * (len(m) + 162)
+                if mod.get("residual"):
+                    total += sum(modules[m]["shape"]) * mod["residual"] * item + 2 * (len(m) + 164)
             return total
+    for rel, anchor in anchor_files(manifest).items():
+        if rel == relative:
+            return anchor[1]  # an earlier generation's file: its size was recorded when it was written
     raise ZooError(relative, "is not named by the manifest")
+
+
+def anchor_files(manifest: dict) -> dict[str, tuple[str, int]]:
+    """{earlier generation's file kept for tight bounds (``ops.anchors``): (sha256, bytes)}."""
+    out = {rel: (a["sha256"], a["bytes"]) for rel, a in (manifest.get("anchors") or {}).items()}
+    for entry in manifest["adapters"]:
+        anchor = entry.get("anchor")
+        if anchor:
+            out[anchor["file"]] = (anchor["sha256"], anchor["bytes"])
+    return out
 
 
 def read_checked(path: Path, manifest: dict, relative: str, digest: str, root: Dir | None = None) -> SafetensorsFile:

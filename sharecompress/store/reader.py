@@ -85,6 +85,10 @@ class ZooReader:
         except ShareError:
             return True
 
+    def checked_file(self, relative: str, digest: str) -> SafetensorsFile:
+        """Any file the manifest names (an anchor of an earlier generation, say), checksum checked."""
+        return self._file(relative, digest)
+
     def _tensor(self, f: SafetensorsFile, key: str, shape: list[int] | None = None) -> torch.Tensor:
         info = f.tensors.get(key)
         if info is None:

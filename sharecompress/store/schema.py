@@ -130,10 +130,20 @@ def _check(m: dict) -> None:
     modules = m["modules"]
     for name, info in modules.items():
         _check_module(name, info)
+    anchors = _obj(m.get("anchors", {}), "anchors")
+    for rel, anchor in anchors.items():
+        field = f"anchors[{_show(rel)}]"
+        if not is_data_path(rel) or rel.startswith("adapters/"):
+            raise _Bad(field, "must name a basis file of this zoo (basis[.gN].safetensors)")
+        _obj(anchor, field)
+        _sha(anchor.get("sha256"), f"{field}.sha256")
+        _int(anchor.get("bytes"), f"{field}.bytes", 0, 1 << 50)
+        if rel == m["basis_file"] and anchor["sha256"] != m["basis_sha256"]:
+            raise _Bad(f"{field}.sha256", "differs from basis_sha256 for the same file")
     names: set[str] = set()
-    files: set[str] = {m["basis_file"]}
+    files: set[str] = {m["basis_file"], *anchors}
     for i, entry in enumerate(m["adapters"]):
-        _check_adapter(i, _obj(entry, f"adapters[{i}]"), modules, names, files)
+        _check_adapter(i, _obj(entry, f"adapters[{i}]"), modules, names, files, anchors)
 
 
 def _check_module(name: str, info: Any) -> None:
@@ -158,7 +168,7 @@ def _check_module(name: str, info: Any) -> None:
         _num(value, f"{field}.energy_curve[{j}]", None)
 
 
-def _check_adapter(i: int, entry: dict, modules: dict, names: set[str], files: set[str]) -> None:
+def _check_adapter(i: int, entry: dict, modules: dict, names: set[str], files: set[str], anchors: dict) -> None:
     field = f"adapters[{i}]"
     name = entry.get("name")
     problem = name_problem(name)
@@ -178,6 +188,22 @@ def _check_adapter(i: int, entry: dict, modules: dict, names: set[str], files: s
             raise _Bad(f"{field}.{key}", f"{rel!r} is named twice in the manifest")
         files.add(rel)
         _sha(entry.get(sha_key), f"{field}.{sha_key}")
+    if entry.get("anchor") is not None:
+        anchor = _obj(entry["anchor"], f"{field}.anchor")
+        if anchor.get("basis_file") not in anchors:
+            raise _Bad(f"{field}.anchor.basis_file", f"must be one of the manifest's anchors, got {_show(anchor.get('basis_file'))}")
+        rel = anchor.get("file")
+        if not is_data_path(rel) or not rel.startswith("adapters/"):
+            raise _Bad(f"{field}.anchor.file", f"must be a file name under adapters/ that this zoo writes, got {_show(rel)}")
+        _sha(anchor.get("sha256"), f"{field}.anchor.sha256")
+        _int(anchor.get("bytes"), f"{field}.anchor.bytes", 0, 1 << 50)
+        if rel == entry.get("file"):
+            if anchor["sha256"] != entry.get("file_sha256"):
+                raise _Bad(f"{field}.anchor.sha256", "differs from file_sha256 for the same file")
+        elif rel in files:
+            raise _Bad(f"{field}.anchor.file", f"{rel!r} is named twice in the manifest")
+        else:
+            files.add(rel)
     _int(entry.get("rank"), f"{field}.rank", 1)
     _int(entry.get("bytes_original"), f"{field}.bytes_original", 0, 1 << 50)
     _choice(entry.get("layout", "peft"), f"{field}.layout", LAYOUTS)
@@ -219,6 +245,14 @@ def _check_adapter_module(field: str, module: str, mod: dict, modules: dict) -> 
     _num(mod.get("scale"), f"{field}.scale", None)
     for key in ("err2", "norm2", "drift"):
         _num(mod.get(key), f"{field}.{key}", 0.0)
+    if mod.get("bound2") is not None:
+        _num(mod["bound2"], f"{field}.bound2", 0.0)
+    if mod.get("err_parts") is not None:
+        parts = _obj(mod["err_parts"], f"{field}.err_parts", list)
+        if len(parts) != 4:
+            raise _Bad(f"{field}.err_parts", f"must list 4 numbers, got {_show(parts)}")
+        for j, value in enumerate(parts):
+            _num(value, f"{field}.err_parts[{j}]", 0.0)
     if mod.get("held_out_err2") is not None:
         _num(mod["held_out_err2"], f"{field}.held_out_err2", 0.0)
     if mod.get("init_cosine") is not None and _num(mod["init_cosine"], f"{field}.init_cosine", -1.0) > 1.0:

@@ -18,7 +18,7 @@ from typing import Callable
 
 from ..errors import StorageError, ZooError
 from ..io.confined import Dir, open_relative
-from .manifest import MANIFEST, file_digests, manifest_bytes, read_checked, read_manifest, read_manifest_digest, refuse_partial
+from .manifest import MANIFEST, anchor_files, file_digests, manifest_bytes, read_checked, read_manifest, read_manifest_digest, refuse_partial
 from .schema import MAX_GENERATION
 from .storage import WriterLock, pause_point
 from .zoo_files import ADAPTERS, scheme_leftovers
@@ -28,7 +28,7 @@ _TAG = re.compile(r"\.g([0-9]+)\.safetensors$")
 
 
 def referenced_files(manifest: dict) -> set[str]:
-    names = {MANIFEST, manifest["basis_file"]}
+    names = {MANIFEST, manifest["basis_file"], *anchor_files(manifest)}
     for entry in manifest["adapters"]:
         names.add(entry["file"])
         if entry.get("extras_file"):

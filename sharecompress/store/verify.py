@@ -10,7 +10,7 @@ from ..io.confined import Dir
 from ..errors import ShareError
 from ..io.safetensors_file import SafetensorsFile
 from .transaction import referenced_files
-from .manifest import read_checked, read_manifest_digest, side_ks
+from .manifest import anchor_files, read_checked, read_manifest_digest, side_ks
 from .zoo_files import foreign_entries, scheme_leftovers
 
 
@@ -67,6 +67,10 @@ def _verify_once(path: Path) -> tuple[list[str], list[str], str | None]:
             ku, kv = side_ks(info)
             expect(basis, f"{name}.U", [n, ku])
             expect(basis, f"{name}.V", [d, kv])
+    current = {manifest["basis_file"]} | {e["file"] for e in manifest["adapters"]}
+    for rel, (digest, _) in anchor_files(manifest).items():
+        if rel not in current:  # an earlier generation kept for tight bounds: checked like the rest
+            open_checked(rel, digest)
     for entry in manifest["adapters"]:
         cores = open_checked(entry["file"], entry["file_sha256"])
         if cores is not None:

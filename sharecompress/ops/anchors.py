@@ -1,0 +1,158 @@
+"""Anchors: each adapter's exact point, kept so that its figure after later adds stays tight.
+
+An adapter's error is measured exactly where the zoo last saw its original: at the merge, or
+at the add that brought it in. Later adds move it by exactly known drifts; summing them gives a
+loose chain. ``core.bounds`` gives a far tighter bound from that exact point's bases and the
+adapter's stored update there, so those two files are kept (an earlier generation's basis file,
+and the adapter's cores file of then) and named in the manifest under ``anchors`` and each
+entry's ``anchor``, with their checksums. Each basis generation kept costs a basis file, so at
+most ``KEEP`` earlier ones stay; when one goes, the adapters anchored there fall back to the
+chain from the bound they had then (``bound2``), which stays rigorous.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import torch
+
+from ..core.bounds import Frame, anchored_bound2
+from ..errors import ZooError
+from ..io.confined import Dir
+from ..store.reader import ZooReader
+from .entries import module_bound2
+
+KEEP = 4  # earlier basis generations kept as anchors (the current one is there anyway)
+_TAG = re.compile(r"\.g([0-9]+)\.safetensors$")
+f64 = torch.float64
+
+
+def _size(root: Dir, rel: str) -> int:
+    folder, _, leaf = rel.rpartition("/")
+    if folder:
+        with root.sub(folder) as sub:
+            st = sub.lstat(leaf)
+    else:
+        st = root.lstat(leaf)
+    if st is None:
+        raise ZooError(rel, "was just written but is not there")
+    return st.st_size
+
+
+def anchor_here(manifest: dict, entry: dict, root: Dir) -> None:
+    """Anchor ``entry`` at the generation being written: its error there was just measured exactly."""
+    basis = manifest["basis_file"]
+    anchors = manifest.setdefault("anchors", {})
+    if basis not in anchors:
+        anchors[basis] = {"sha256": manifest["basis_sha256"], "bytes": _size(root, basis)}
+    entry["anchor"] = {"basis_file": basis, "file": entry["file"], "sha256": entry["file_sha256"],
+                       "bytes": _size(root, entry["file"])}
+
+
+def generation_of(rel: str) -> int:
+    found = _TAG.search(rel)
+    return int(found[1]) if found else 1
+
+
+def prune(manifest: dict, keep: int = KEEP) -> list[str]:
+    """Drop anchors nobody uses, then the least used earlier generations (oldest first) beyond ``keep``;
+    returns the basis files dropped. Their adapters go on from the bound they hold (the chain)."""
+    anchors = manifest.get("anchors") or {}
+    holders = Counter(e["anchor"]["basis_file"] for e in manifest["adapters"] if e.get("anchor"))
+    dropped = [rel for rel in anchors if not holders[rel]]
+    earlier = sorted((rel for rel in anchors if holders[rel] and rel != manifest["basis_file"]),
+                     key=lambda rel: (holders[rel], generation_of(rel)))
+    dropped += earlier[: max(0, len(earlier) - keep)]
+    for rel in dropped:
+        anchors.pop(rel, None)
+    for entry in manifest["adapters"]:
+        if entry.get("anchor") and entry["anchor"]["basis_file"] not in anchors:
+            del entry["anchor"]
+            for mod in entry["modules"].values():
+                mod.pop("err_parts", None)
+    if not anchors:
+        manifest.pop("anchors", None)
+    return dropped
+
+
+class Anchors:
+    """Reads anchors (each basis generation once) and tightens moved adapters' bounds with them."""
+
+    def __init__(self, zoo: ZooReader) -> None:
+        self.zoo = zoo
+        self._bases: dict[str, object] = {}
+        self._frames: dict[tuple[str, str], Frame] = {}
+
+    def _basis(self, rel: str):
+        if rel not in self._bases:
+            self._bases[rel] = self.zoo.checked_file(rel, self.zoo.manifest["anchors"][rel]["sha256"])
+        return self._bases[rel]
+
+    def state(self, entry: dict) -> dict[str, tuple]:
+        """{module: (U₀, V₀, E₀, F₀, RU₀, RV₀)} at the adapter's anchor (RU₀, RV₀ None without a residual)."""
+        anchor = entry["anchor"]
+        basis, cores = self._basis(anchor["basis_file"]), self.zoo.checked_file(anchor["file"], anchor["sha256"])
+        where = self.zoo.path / anchor["file"]
+        read = lambda f, key: f.read(key) if key in f.tensors else None  # noqa: E731
+        out = {}
+        for m, mod in entry["modules"].items():
+            if not mod.get("err_parts"):
+                continue
+            n, d = self.zoo.modules[m]["shape"]
+            U, V, E, F = read(basis, f"{m}.U"), read(basis, f"{m}.V"), read(cores, f"{m}.E"), read(cores, f"{m}.F")
+            if any(t is None or t.dim() != 2 for t in (U, V, E, F)) or U.shape[0] != n or V.shape[0] != d \
+                    or E.shape[0] != U.shape[1] or F.shape[1] != V.shape[1] or E.shape[1] != F.shape[0]:
+                raise ZooError(where, f"anchor of {entry['name']!r}: module {m!r} is missing or misshapen")
+            RU, RV = read(cores, f"{m}.RU"), read(cores, f"{m}.RV")
+            if (RU is None) != (RV is None) or (RU is not None and (RU.dim() != 2 or RV.dim() != 2 or RU.shape[0] != n
+                                                                   or RV.shape[0] != d or RU.shape[1] != RV.shape[1])):
+                raise ZooError(where, f"anchor of {entry['name']!r}: module {m!r} has a misshapen residual")
+            out[m] = (U, V, E, F, RU, RV)
+        return out
+
+    def tighten(self, entry: dict, bases: dict, cores: dict, residuals: dict) -> None:
+        """Where the adapter has an anchor, each moved module's ``bound2`` = the anchored bound when lower."""
+        if not entry.get("anchor"):
+            return
+        rel = entry["anchor"]["basis_file"]
+        state = self.state(entry)
+        for m, (E, F) in cores.items():
+            mod = entry["modules"][m]
+            if not mod.get("drift") or m not in state:
+                continue
+            U0, V0, E0, F0, RU0, RV0 = state[m]
+            if (rel, m) not in self._frames:
+                self._frames[rel, m] = Frame(U0, V0, *bases[m])
+            frame = self._frames[rel, m]
+            now = residuals.get(m)
+            if (RU0 is None and now is None) or (RU0 is not None and now is not None and RU0.shape == now[0].shape
+                                                 and torch.equal(RU0, now[0]) and torch.equal(RV0, now[1])):
+                bound2 = frame.bound2(mod["err2"], mod["err_parts"], E0, F0, E, F)  # a residual kept as it was cancels
+            else:
+                L0, R0 = stored_factors({m: (U0, V0)}, {m: (E0, F0)}, {m: (RU0, RV0)} if RU0 is not None else {})[m]
+                L, R = stored_factors({m: bases[m]}, {m: (E, F)}, {m: now} if now is not None else {})[m]
+                bound2 = anchored_bound2(mod["err2"], mod["err_parts"], frame.QU, frame.QV, L0, R0, L, R)
+            if bound2 < module_bound2(mod):
+                mod["bound2"] = bound2
+
+
+def move(mod: dict, drift: float) -> None:
+    """A module moved by ``drift`` (exact, absolute): the summed drift grows, and so does a tight bound
+    held from before (by the triangle inequality, from that bound on)."""
+    if "bound2" in mod:
+        mod["bound2"] = (module_bound2(mod) ** 0.5 + drift) ** 2
+    mod["drift"] = mod.get("drift", 0.0) + drift
+
+
+def stored_factors(bases: dict, cores: dict, residuals: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (L, R)}: an adapter's stored update as factors, L·R = U·E·F·Vᵀ + RU·RVᵀ (float64)."""
+    out = {}
+    for module, (E, F) in cores.items():
+        U, V = (t.to(f64) for t in bases[module])
+        L, R = [U @ E.to(f64)], [F.to(f64) @ V.T]
+        if module in residuals:
+            L.append(residuals[module][0].to(f64))
+            R.append(residuals[module][1].to(f64).T)
+        out[module] = (torch.cat(L, 1), torch.cat(R, 0))
+    return out
