@@ -18,8 +18,8 @@ from torch import nn
 def _outside(basis: torch.Tensor, count: int) -> torch.Tensor:
     """``count`` random orthonormal columns orthogonal to ``basis`` (n × k, orthonormal)."""
     n = basis.shape[0]
-    draw = torch.randn(n, count, dtype=torch.float64)
-    b = basis.to(torch.float64)
+    draw = torch.randn(n, count, dtype=torch.float64)  # on the CPU whatever the device: one seed, one draw
+    b = basis.detach().to("cpu", torch.float64)
     draw -= b @ (b.mT @ draw)
     draw -= b @ (b.mT @ draw)  # twice: orthogonal to working precision
     return torch.linalg.qr(draw)[0]
