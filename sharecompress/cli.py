@@ -195,7 +195,7 @@ def combine(
 def add(
     sources: List[str] = typer.Argument(..., help="New adapters, as for merge: PEFT directories, .safetensors files (PEFT, kohya or diffusers keys), Hub ids from the local cache, or directories of them."),
     zoo: Path = ZooOption,
-    grow: str = typer.Option("auto", "--grow", help="auto: an energy-target zoo may grow k; off: keep every k."),
+    grow: Optional[str] = typer.Option(None, "--grow", help="auto: an energy-target (or budgeted) zoo may grow; off: keep every k, and a budgeted zoo within its budget (k and p reallocated). Default: off for a budgeted zoo, else auto."),
     rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank for bare .safetensors files without a config."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha for bare .safetensors files without a config."),
     layout: str = typer.Option("auto", "--format", help="Key layout of the sources: auto (detect per file), peft, kohya, diffusers."),
@@ -213,6 +213,7 @@ def add(
 
     with user_errors(), module_progress(not quiet, "adding") as progress:
         opened = Zoo.open(zoo)
+        sizes = {m: (i["k_u"], i["k_v"], i.get("p")) for m, i in opened.modules.items()}
         drift = opened.add(sources, grow=grow, rank=rank, alpha=alpha, progress=progress, layout=layout, max_error=max_error, anchors=anchors)
     if not quiet:
         worst = max(drift.items(), key=lambda kv: kv[1], default=None)
@@ -221,6 +222,25 @@ def add(
             + (f"; largest drift of an old adapter {worst[1]:.3g} ({shown(worst[0])})" if worst else ""),
             highlight=False,
         )
+        budget_line(opened, sizes)
+
+
+def budget_line(opened, sizes: dict) -> None:
+    """What an add did to a budgeted zoo: held within it (and how many modules gave room), or over it."""
+    budget = (opened.manifest.get("k_rule") or {}).get("budget")
+    if budget is None:
+        return
+    from .report.report import human_bytes
+
+    data = opened.report()
+    resized = sum(1 for m, i in opened.modules.items() if m in sizes and sizes[m] != (i["k_u"], i["k_v"], i.get("p")))
+    used = data["bytes_basis"] + data["bytes_coefficients"]
+    if used <= budget:
+        err.print(f"size budget {human_bytes(budget)}: within it ({human_bytes(used)})"
+                  + (f"; k and p of {count(resized, 'module')} reallocated to make room" if resized else ""), highlight=False)
+    else:
+        err.print(f"size budget {human_bytes(budget)}: [bold yellow]over it by {human_bytes(used - budget)}[/] "
+                  "(--grow auto let it grow; add --grow off reallocates k and p to stay within it)", highlight=False)
 
 
 @app.command()

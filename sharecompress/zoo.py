@@ -41,7 +41,7 @@ class Zoo(ZooReader):
             return build_report(self.manifest, None)
         return self.consistent(lambda: build_report(self.manifest, measure_against(self, against)))
 
-    def add(self, sources: list[str], grow: str = "auto", **kw) -> dict:
+    def add(self, sources: list[str], grow: str | None = None, **kw) -> dict:
         """Fold new adapters in; returns each old adapter's relative drift."""
         from .ops.add import add
 

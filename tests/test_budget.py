@@ -113,18 +113,38 @@ def test_budget_flags_are_exclusive_and_a_budget_too_small_says_what_it_needs(tm
     assert not (tmp_path / "z").exists()
 
 
-def test_add_holds_a_budgeted_zoos_k_and_the_report_says_where_it_stands(tmp_path):
+def test_add_keeps_a_budgeted_zoo_within_its_budget_unless_grow_auto(tmp_path):
     from typer.testing import CliRunner
 
     from sharecompress.cli import app
+    from test_max_error import stored
 
     paths = heterogeneous(tmp_path)
+    free = sharecompress.merge(paths[:5], tmp_path / "free", budget="5kB")
+    ks = {m: (i["k_u"], i["k_v"]) for m, i in free.modules.items()}
+    free.add([paths[5]], grow="auto")  # holds every k; the new cores take the zoo past its budget
+    assert {m: (i["k_u"], i["k_v"]) for m, i in free.modules.items()} == ks
+    report = free.report()
+    assert report["bytes_basis"] + report["bytes_coefficients"] > 5000
+
     zoo = sharecompress.merge(paths[:5], tmp_path / "zoo", budget="5kB")
-    ks = {m: (i["k_u"], i["k_v"]) for m, i in zoo.modules.items()}
-    zoo.add([paths[5]])
-    assert {m: (i["k_u"], i["k_v"]) for m, i in zoo.modules.items()} == ks
+    before = {n: stored(zoo, n) for n in zoo.names}
+    out = CliRunner().invoke(app, ["add", paths[5], "--zoo", str(tmp_path / "zoo")])
+    assert out.exit_code == 0, out.output
+    assert "size budget 5.0 kB: within it" in out.output and "reallocated" in out.output
+    zoo.reload()
+    report = zoo.report()
+    assert report["bytes_basis"] + report["bytes_coefficients"] <= 5000
+    assert {m: (i["k_u"], i["k_v"], i.get("p")) for m, i in zoo.modules.items()} != {m: (*k, None) for m, k in ks.items()}
+    for a in report["adapters"][:5]:  # every drift the reallocation caused is exact, and the bound true
+        after = stored(zoo, a["name"])
+        moved2 = sum(float(((after[m] - before[a["name"]][m]) ** 2).sum()) for m in after)
+        norm2 = zoo.adapter(a["name"])["norm2"]
+        assert a["drift"] == pytest.approx((moved2 / norm2) ** 0.5, rel=1e-5, abs=1e-9)
+    exact = {a["name"]: a["relative_error"] for a in zoo.report(against=paths)["adapters"]}
+    assert all(exact[a["name"]] <= a["relative_error"] * (1 + 1e-7) + 1e-9 for a in report["adapters"])
     out = CliRunner().invoke(app, ["report", "--zoo", str(tmp_path / "zoo")])
-    assert "size budget 5.0 kB" in out.output and ("over it by" in out.output or "within it" in out.output)
+    assert "size budget 5.0 kB (merge --budget or --ratio; bases and cores): within it" in out.output
 
 
 def test_a_budgets_core_ranks_hold_through_add_and_commit(tmp_path):
@@ -144,7 +164,7 @@ def test_a_budgets_core_ranks_hold_through_add_and_commit(tmp_path):
     zoo = sharecompress.merge(paths[:5], tmp_path / "zoo", budget="9kB")
     chosen = {m: info["p"] for m, info in zoo.modules.items()}
     assert all(q >= 1 for q in chosen.values())
-    zoo.add([paths[5]])
+    zoo.add([paths[5]], grow="auto")  # k and p held (the default, off, may reallocate them)
     for module, q in chosen.items():
         assert zoo.modules[module]["p"] == q
         assert zoo.adapter("a5")["modules"][module]["p"] <= q  # the new adapter's cores keep the budget's rank
@@ -157,7 +177,7 @@ def test_a_budget_never_buys_directions_no_core_can_use(tmp_path):
         usable = sum(min(1, e["rank"]) for e in zoo.adapters if module in e["modules"])
         assert max(info["k_u"], info["k_v"]) <= usable
     before = {m: (i["k_u"], i["k_v"]) for m, i in zoo.modules.items()}
-    zoo.add([heterogeneous(tmp_path / "more")[4]])
+    zoo.add([heterogeneous(tmp_path / "more")[4]], grow="auto")
     assert {m: (i["k_u"], i["k_v"]) for m, i in zoo.modules.items()} == before
 
 

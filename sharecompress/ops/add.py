@@ -22,6 +22,7 @@ from ..core.residual import fit_residuals
 from ..errors import InputError, ZooError
 from ..store.reader import ZooReader
 from ..store.writer import unique_stem, write_adapter_files
+from .hold_budget import hold_budget
 from .anchors import KEEP, Anchors, anchor_here, move, prune, stored_factors
 from .entries import (adapter_entry, check_finite, finish_adapter_entry, model_key, module_bound2, now, refresh_module_stats,
                       relative, source_keys)
@@ -145,7 +146,7 @@ def add(
     zoo_path: str | Path,
     sources: Iterable[str],
     *,
-    grow: str = "auto",
+    grow: str | None = None,
     rank: int | None = None,
     alpha: float | None = None,
     progress: Callable[[int, int, str], None] | None = None,
@@ -158,8 +159,8 @@ def add(
     ``layout`` overrides key-layout detection; modules are matched to the zoo's by name, or
     across layouts by their canonical identity (``formats.align_modules``).
     """
-    if grow not in ("auto", "off"):
-        raise ValueError("grow must be auto or off")
+    if grow not in (None, "auto", "off"):
+        raise ValueError("--grow must be auto or off")
     zoo_path = Path(zoo_path)
     known = zoo_module_layouts(ZooReader(zoo_path).manifest)  # not a zoo → clear error before reading any source
     adapters = find_adapters(list(sources), rank=rank, alpha=alpha, layout=layout, known=known)
@@ -167,7 +168,7 @@ def add(
 
 
 def add_adapters(
-    zoo_path: Path, adapters: list[Adapter], *, grow: str = "auto",
+    zoo_path: Path, adapters: list[Adapter], *, grow: str | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     keep: dict[str, tuple[int, int]] | None = None,
     max_error: float | None = None,
@@ -181,7 +182,11 @@ def add_adapters(
     ≤ X: a new adapter above it gets a private residual, and an old one whose bound this add would
     lift above it folds what the add moved into its residual (``absorb_drift``).
     ``anchors``: how many earlier basis generations to keep for tight bounds (``ops.anchors``).
+    ``grow`` None: ``off`` for a budgeted zoo (k and p reallocated to stay within the budget,
+    ``hold_budget``), else ``auto`` (an energy zoo may grow k).
     """
+    if grow not in (None, "auto", "off"):
+        raise ValueError("--grow must be auto or off")
     if max_error is not None and not (math.isfinite(max_error) and max_error > 0):
         raise ValueError("--max-error must be a positive number")
     if anchors < 0:
@@ -192,6 +197,9 @@ def add_adapters(
         zoo = ZooReader.from_manifest(zoo_path, tx.manifest, tx.digest)
         store = STORE_DTYPES[manifest["dtype"]]
         limit = max_error if max_error is not None else manifest.get("max_error")
+        budget = (manifest.get("k_rule") or {}).get("budget")
+        if grow is None:
+            grow = "off" if budget is not None else "auto"
         bases = zoo.bases()
         cores = {e["name"]: zoo.cores(e["name"]) for e in manifest["adapters"]}
         residuals = {e["name"]: zoo.residuals(e["name"]) for e in manifest["adapters"]}
@@ -200,7 +208,8 @@ def add_adapters(
         # a limit may make it take its drift back, its reconstruction as factors
         prior = {t: {m: (module_bound2(mod), mod.get("drift", 0.0)) for m, mod in entries[t]["modules"].items()} for t in cores}
         old_bases = dict(bases)  # references to the tensors, no copies
-        before = {t: (old_bases, dict(cores[t]), residuals[t]) for t in cores} if limit is not None else {}
+        old_cores = {t: dict(cores[t]) for t in cores}
+        before = {t: (old_bases, old_cores[t], residuals[t]) for t in cores} if limit is not None else {}
         step_drift: dict[str, float] = {}
         steps = sum(len(a.modules) for a in adapters)
         done_steps = 0
@@ -224,12 +233,9 @@ def add_adapters(
                 check_finite(adapter.source, module, (U2, V2, new[0], new[1], *(x for pair in moved.values() for x in pair)),
                              (new[2], new[3], *drifts.values()))
                 bases[module] = (U2, V2)
-                for t, pair in moved.items():
+                for t, pair in moved.items():  # how far each moved is measured once, at the end of the add
                     cores[t][module] = pair
-                    mod = entries[t]["modules"][module]
-                    move(mod, drifts[t] ** 0.5)
-                    mod["p"] = pair[0].shape[1]
-                    step_drift[t] = step_drift.get(t, 0.0) + drifts[t]
+                    entries[t]["modules"][module]["p"] = pair[0].shape[1]
                 E, F, err2, norm2 = new
                 new_cores[module] = (E, F)
                 entry["modules"][module] = {
@@ -246,9 +252,20 @@ def add_adapters(
             entries[adapter.name] = entry
             manifest["adapters"].append(entry)
 
+        if budget is not None and grow == "off":
+            hold_budget(zoo_path, manifest, bases, cores, entries, store, fold_module)
         fresh = {a.name: a for a in adapters}
         for adapter in adapters:  # measured again where they end: exact, even when a later one moved them
             residuals[adapter.name] = measure_new(adapter, entries[adapter.name], bases, cores[adapter.name], limit, store)
+        # each old adapter's move over the whole add, exactly (not the sum of its steps)
+        grams: dict[str, tuple] = {}
+        for t, own in old_cores.items():
+            for module, old in own.items():
+                if cores[t][module] is old:
+                    continue
+                moved2 = module_move2(module, old_bases[module], bases[module], old, cores[t][module], grams)
+                move(entries[t]["modules"][module], moved2**0.5)
+                step_drift[t] = step_drift.get(t, 0.0) + moved2
         tight = Anchors(zoo)
         for t in [t for t in step_drift if t not in fresh]:
             tight.tighten(entries[t], bases, cores[t], residuals[t])
@@ -271,6 +288,18 @@ def add_adapters(
         tx.commit(manifest)
     norms = {e["name"]: e["norm2"] for e in manifest["adapters"]}
     return {t: (v / norms[t]) ** 0.5 if norms[t] > 0 else 0.0 for t, v in step_drift.items() if t not in fresh}
+
+
+def module_move2(module: str, old_basis: tuple, basis: tuple, old: tuple, new: tuple, grams: dict) -> float:
+    """‖U₀·E₀·F₀·V₀ᵀ − U·E·F·Vᵀ‖² from k-sized Grams (``grams`` caches each module's; a private residual
+    the add kept cancels)."""
+    if module not in grams:
+        (U0, V0), (U, V) = [(a.to(f64), b.to(f64)) for a, b in (old_basis, basis)]
+        grams[module] = ((U0.T @ U0, U0.T @ U, U.T @ U), (V0.T @ V0, V0.T @ V, V.T @ V))
+    GU, GV = grams[module]
+    E0, F0, E, F = (t.to(f64) for t in (*old, *new))
+    return float(linalg.difference_norm2(E0.T @ GU[0] @ E0, E0.T @ GU[1] @ E, E.T @ GU[2] @ E,
+                                         F0 @ GV[0] @ F0.T, F0 @ GV[1] @ F.T, F @ GV[2] @ F.T))
 
 
 def measure_new(adapter: Adapter, entry: dict, bases: dict, cores: dict, limit: float | None, store: torch.dtype) -> dict:

@@ -167,10 +167,11 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
                       + (f"[bold red]{len(above)} above it[/]" if above else "every adapter within it")
                       + f"; {held} adapter{'' if held == 1 else 's'} hold a private residual")
     if report.get("budget"):
-        over = report["bytes_compressed"] > report["budget"]
-        console.print(f"size budget {human_bytes(report['budget'])} (merge --budget or --ratio): "
-                      + (f"[bold red]over it by {human_bytes(report['bytes_compressed'] - report['budget'])}[/] "
-                         "(adds hold each k; merge again to reallocate)" if over else "within it"))
+        used = report["bytes_basis"] + report["bytes_coefficients"]  # what a budget counts: bases and cores
+        console.print(f"size budget {human_bytes(report['budget'])} (merge --budget or --ratio; bases and cores): "
+                      + (f"[bold red]over it by {human_bytes(used - report['budget'])}[/] "
+                         "(an add with --grow auto let it grow; add --grow off reallocates k and p within it)"
+                         if used > report["budget"] else "within it"))
     held = [(a["held_out_error"], a["merge_error"]) for a in report["adapters"] if a.get("held_out_error") is not None]
     if held:
         outside = sorted(h for h, _ in held)[len(held) // 2]
