@@ -242,14 +242,14 @@ def test_progress_advances_per_module_within_one_batch(tmp_path, monkeypatch):
     specs = [(4, 16, False), (2, 8, False)]
     paths, _ = make_zoo(tmp_path, specs)
     returned = []  # batches whose compute has returned
-    real = merge_op.compress_batch
+    real = merge_op.compress_stacked
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         returned.append(len(out))
         return out
 
-    monkeypatch.setattr(merge_op, "compress_batch", spy)
+    monkeypatch.setattr(merge_op, "compress_stacked", spy)
     seen = []
     sharecompress.merge(paths, tmp_path / "zoo", k=2,
                         progress=lambda done, total, module: seen.append((done, total, module, len(returned))))

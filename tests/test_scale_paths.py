@@ -74,13 +74,13 @@ def test_prefetching_reader_sees_every_module_once(tmp_path, monkeypatch):
 
     merge_module = importlib.import_module("sharecompress.ops.merge")
     seen = []
-    original = merge_module._load
+    original = merge_module.load_stacked
 
-    def spy(holders_of, modules):
+    def spy(holders, modules, pool=None):
         seen.extend(modules)
-        return original(holders_of, modules)
+        return original(holders, modules, pool)
 
-    monkeypatch.setattr(merge_module, "_load", spy)
+    monkeypatch.setattr(merge_module, "load_stacked", spy)
     zoo = sharecompress.merge(sources(tmp_path), tmp_path / "z", k=3)
     assert sorted(seen) == sorted(zoo.modules) and len(seen) == len(set(seen))
 

@@ -193,7 +193,8 @@ def project_all(
     U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch.Tensor,
     ranks: list[int], p: int | None, store: torch.dtype,
 ) -> list[AdapterCore]:
-    """Every adapter's best core on the stored bases, rounded to ``store``, with exact errors.
+    """Every adapter's best core on the stored bases, rounded to ``store``, with exact errors;
+    the cores on the host whatever the device.
 
     Batched over adapters (ranks zero-padded); errors by ``linalg.squared_errors`` in float64
     on the stored (rounded) values.
@@ -208,9 +209,11 @@ def project_all(
     E, F = linalg.split_cores(P, Q, s64, keeps, ranks)
     E, F = E.to(store), F.to(store)
     err2, norm2 = linalg.squared_errors(B64, A64, s64, U64, E, F, V64, P, Q)
-    parts = merge_parts(U64, V64, P, Q, B64, A64, s64, E, F).tolist()
+    parts = merge_parts(U64, V64, P, Q, B64, A64, s64, E, F)
+    # to the host in one transfer each (a GPU merge would otherwise wait on 2·T tiny copies per module)
+    E, F, err2, norm2, parts = E.cpu(), F.cpu(), err2.tolist(), norm2.tolist(), parts.tolist()
     return [
-        AdapterCore(E[t, :, :kp].contiguous(), F[t, :kp].contiguous(), float(err2[t]), float(norm2[t]), parts[t])
+        AdapterCore(E[t, :, :kp].contiguous(), F[t, :kp].contiguous(), err2[t], norm2[t], parts[t])
         for t, kp in enumerate(keeps)
     ]
 
@@ -250,36 +253,61 @@ def compress_batch(
 ) -> list[ModuleResult]:
     """``compress_module`` for G modules of one shape held by the same adapters with the same ranks.
 
-    Their sketches — the passes over the full-size factors, which hold nearly all the
-    arithmetic — run as one batched call; what follows works on small projected factors and
-    goes module by module. Results equal G separate ``compress_module`` calls. ``rule`` and ``p``
-    are one for all, or one per module (a budget gives each module its own k and p).
+    Stacks each module's factors (``pad_stack``) and hands them to ``compress_stacked``; a merge
+    reads its sources straight into such stacks instead (``ops.merge``).
     """
-    rules = rule if isinstance(rule, list) else [rule] * len(batch)
-    ps = p if isinstance(p, list) else [p] * len(batch)
     stacks = [pad_stack(factors) for factors, _ in batch]
     ranks = [[b.shape[1] for b, _ in factors] for factors, _ in batch]
-    n, d, total_rank = stacks[0][0].shape[1], stacks[0][1].shape[2], sum(ranks[0])
     if any(B.shape != stacks[0][0].shape or A.shape != stacks[0][1].shape for B, A in stacks) or any(r != ranks[0] for r in ranks):
         raise ValueError("a batch holds modules of one shape whose adapters have the same ranks")
-    B = torch.stack([B for B, _ in stacks]).to(device)
-    A = torch.stack([A for _, A in stacks]).to(device)
-    s = torch.tensor([scales for _, scales in batch], dtype=torch.float64, device=device)
+    B = torch.stack([B for B, _ in stacks])
+    A = torch.stack([A for _, A in stacks])
     del stacks
+    s = torch.tensor([scales for _, scales in batch], dtype=torch.float64)
+    return compress_stacked(B, A, s, ranks[0], rule, method, sweeps, p, store, device, finished)
+
+
+def compress_stacked(
+    B: torch.Tensor,
+    A: torch.Tensor,
+    s: torch.Tensor,
+    ranks: list[int],
+    rule: KRule | list[KRule],
+    method: str = "share",
+    sweeps: int = 3,
+    p: int | None | list[int | None] = None,
+    store: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    finished: Callable[[int], None] | None = None,
+) -> list[ModuleResult]:
+    """Bases and cores for G modules of one shape: B (G, T, n, r), A (G, T, r, d) zero-padded to the
+    largest of ``ranks`` (adapter t's own rank), s (G, T) the scales.
+
+    The factors may be in the sources' own dtype (float16, say): they travel to ``device`` as they
+    are and are widened there. The sketches — the passes over the full-size factors, which hold
+    nearly all the arithmetic — run as one batched call; what follows works on small projected
+    factors and goes module by module. Results equal G separate ``compress_module`` calls.
+    ``rule`` and ``p`` are one for all, or one per module (a budget gives each its own k and p).
+    """
+    G = B.shape[0]
+    rules = rule if isinstance(rule, list) else [rule] * G
+    ps = p if isinstance(p, list) else [p] * G
+    n, d, total_rank = B.shape[2], A.shape[3], sum(ranks)
+    B, A = B.to(device, non_blocking=True), A.to(device, non_blocking=True)
+    s = s.to(device=device, dtype=torch.float64)
+    work = torch.float64 if B.dtype == torch.float64 else torch.float32
     sketched = None
-    if len(batch) > 1 and needs_sketch(n, d, total_rank, method):
-        work = torch.float64 if B.dtype == torch.float64 else torch.float32
+    if G > 1 and needs_sketch(n, d, total_rank, method):
         width = max(sketch_width(r) for r in rules)
         sketched = sketch(B.to(work), A.to(work), s.to(work), (min(n, total_rank, width), min(d, total_rank, width)))
     results = []
-    for g in range(len(batch)):
+    for g in range(G):
         mine = None if sketched is None else tuple(t[g] for t in sketched)
-        U, V, curve, done = module_bases(B[g], A[g], s[g], rules[g], method, sweeps, total_rank, mine)
+        Bg, Ag = B[g].to(work), A[g].to(work)
+        U, V, curve, done = module_bases(Bg, Ag, s[g], rules[g], method, sweeps, total_rank, mine)
         U_st, V_st = U.to(store).contiguous(), V.to(store).contiguous()
-        cores = project_all(U_st, V_st, B[g], A[g], s[g], ranks[g], ps[g], store)
-        cpu = lambda t: t.cpu().contiguous()  # noqa: E731
-        cores = [AdapterCore(cpu(c.E), cpu(c.F), c.err2, c.norm2, c.parts) for c in cores]
-        results.append(ModuleResult(cpu(U_st), cpu(V_st), cores, curve.cpu(), done))
+        cores = project_all(U_st, V_st, Bg, Ag, s[g], ranks, ps[g], store)
+        results.append(ModuleResult(U_st.cpu(), V_st.cpu(), cores, curve.cpu(), done))
         if finished:
             finished(g)  # a progress bar advances per module, not per batch
     return results

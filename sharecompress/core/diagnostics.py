@@ -8,16 +8,29 @@ trained from another seed will not have.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-SKETCH = 256  # random projections of each flattened lora_A: cosines to about ±0.1, whatever r·d
+SKETCH = 256  # buckets of the sketch of each flattened lora_A: cosines to about ±0.1, whatever r·d
+
+
+@functools.lru_cache(maxsize=8)
+def _hashing(size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A count sketch of ``size`` coordinates: each to one of ``SKETCH`` buckets, with a random sign."""
+    gen = torch.Generator().manual_seed(seed)
+    bucket = torch.randint(0, SKETCH, (size,), generator=gen)
+    sign = torch.randint(0, 2, (size,), generator=gen).float() * 2 - 1
+    return bucket, sign
 
 
 def nearest_twin(As: list[torch.Tensor], seed: int = 0) -> list[float | None]:
     """For each A_t (r_t × d), its largest cosine with another adapter's A of the same shape (None when none).
 
-    Compared as flattened matrices (a shared init shares its gauge too), through a common random
-    sketch of width 256 when r·d is larger, so the cost is T·r·d + T²·256.
+    Compared as flattened matrices (a shared init shares its gauge too), through a common count
+    sketch of width 256 when r·d is larger (each coordinate added, with a random sign, into one of
+    256 buckets: inner products kept in expectation, one pass over each A and no random matrix of
+    size r·d × 256 to draw or multiply), so the cost is T·r·d + T²·256.
     """
     out: list[float | None] = [None] * len(As)
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -26,15 +39,16 @@ def nearest_twin(As: list[torch.Tensor], seed: int = 0) -> list[float | None]:
     for shape, members in groups.items():
         if len(members) < 2:
             continue
-        flat = torch.stack([As[t].reshape(-1).float() for t in members])
+        flat = torch.stack([As[t].reshape(-1) for t in members]).float()
         if flat.shape[1] > SKETCH:
-            gen = torch.Generator().manual_seed(seed)
-            flat = flat @ torch.randn(flat.shape[1], SKETCH, generator=gen)
+            bucket, sign = _hashing(flat.shape[1], seed)
+            bucket, sign = bucket.to(flat.device), sign.to(flat.device)
+            flat = flat.new_zeros(flat.shape[0], SKETCH).index_add_(1, bucket, flat * sign)
         flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
         cos = flat @ flat.T
         cos.fill_diagonal_(-1.0)
-        for i, t in enumerate(members):
-            out[t] = float(cos[i].max())
+        for i, value in zip(range(len(members)), cos.max(dim=1).values.tolist()):
+            out[members[i]] = value
     return out
 
 

@@ -208,6 +208,31 @@ class SafetensorsFile:
             raise self._fail(f"cannot read tensor {name!r}: {exc.strerror or exc}") from None
         return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
+    def read_into(self, name: str, out: "torch.Tensor") -> None:
+        """The tensor's bytes straight into ``out`` (contiguous, its dtype and size): no buffer between."""
+        info = self.tensors[name]
+        if not out.is_contiguous() or out.numel() * out.element_size() != info.nbytes or out.dtype != torch_dtype(info.dtype):
+            raise ValueError(f"read_into({name!r}): the target does not match the stored tensor")
+        if info.nbytes == 0:
+            return
+        view = memoryview(out.view(-1).view(torch_dtype("U8")).numpy()).cast("B")
+        if self._data is not None:
+            view[:] = self._data[info.start : info.end]
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                done = 0
+                while done < info.nbytes:
+                    got = os.preadv(fd, [view[done:]], info.start + done)
+                    if got <= 0:
+                        raise self._fail(f"truncated file while reading tensor {name!r}")
+                    done += got
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise self._fail(f"cannot read tensor {name!r}: {exc.strerror or exc}") from None
+
     def sha256(self) -> str:
         """Digest of the whole file: identifies an adapter whatever it is called."""
         if self._data is not None:

@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..core.budget import ModuleSpectrum, allocate, parse_size
-from ..core.compress import METHODS, KRule, ModuleResult, compress_batch, spectrum
+from ..core.compress import METHODS, KRule, ModuleResult, compress_stacked, spectrum
 from ..core.diagnostics import held_out_errors, nearest_twin
 from ..errors import InputError, ZooError
 from ..io.adapter import Adapter
@@ -271,6 +271,47 @@ def _load(holders_of: dict[str, list[Adapter]], modules: list[str]) -> list[list
     return [[a.factors(module, None) for a in holders_of[module]] for module in modules]
 
 
+_WIDE = {"F64": torch.float64, "F32": torch.float32}
+
+
+def stack_dtype(holders: list[Adapter], modules: list[str]) -> torch.dtype:
+    """The stacks' dtype: the sources' own when they share one (float16 travels as float16), else wider."""
+    kinds = {a.modules[m].dtype for m in modules for a in holders}
+    if len(kinds) == 1:
+        return {"F16": torch.float16, "BF16": torch.bfloat16, **_WIDE}[kinds.pop()]
+    return torch.float64 if "F64" in kinds else torch.float32
+
+
+def load_stacked(holders: list[Adapter], modules: list[str], pool: ThreadPoolExecutor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """One batch's factors read straight into its stacks: B (G, T, n, r), A (G, T, r, d), zero-padded
+    to the largest rank, and each adapter's rank. Every module of a batch has the same adapters,
+    shape and ranks (``plan_batches``). One adapter's file per task when ``pool`` is given.
+
+    NaN or Inf is refused for the whole stack at once (a sum is not finite when any element is
+    not); only then is each tensor checked, to name the file.
+    """
+    first = holders[0].modules[modules[0]]
+    ranks = [a.modules[modules[0]].rank for a in holders]
+    r = max(ranks)
+    dtype = stack_dtype(holders, modules)
+    make = torch.zeros if min(ranks) < r else torch.empty  # padding must be zeros
+    B = make(len(modules), len(holders), first.n, r, dtype=dtype)
+    A = make(len(modules), len(holders), r, first.d, dtype=dtype)
+
+    def fill(t: int) -> None:
+        for g, module in enumerate(modules):
+            holders[t].read_into(module, B[g, t], A[g, t])
+
+    list(pool.map(fill, range(len(holders))) if pool is not None else map(fill, range(len(holders))))
+    wide = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+    if not all(math.isfinite(float(X.sum(dtype=wide))) for X in (B, A)):
+        for g, module in enumerate(modules):
+            for adapter in holders:
+                adapter.factors(module, None)  # raises, naming the file and tensor
+    return B, A, ranks
+
+
 def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: Dir, progress, device, with_extras=True,
            max_error=None) -> dict:
     """Compute every batch of modules (reading the next while this one computes), then write the files."""
@@ -280,32 +321,38 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
     modules: dict[str, dict] = {}
     order = list(shapes.items())
     holders_of = {m: [a for a in adapters if m in a.modules] for m, _ in order}
+    # sources read one batch ahead, a file per task; hashed alongside. Both take their share of a
+    # large machine, and one thread each on a small one, where the compute needs the cores
+    cores_here = os.cpu_count() or 1
     reader = ThreadPoolExecutor(max_workers=1)
-    hasher = ThreadPoolExecutor(max_workers=1)  # sources' digests, alongside the compute
+    files = ThreadPoolExecutor(max_workers=max(1, min(8, cores_here // 2)))
+    hasher = ThreadPoolExecutor(max_workers=max(1, min(4, cores_here // 4)))
     digests = [hasher.submit(lambda a=a: a.sha256) for a in adapters]
     twins: dict[tuple[str, str], float] = {}  # (adapter, module): lora_A's largest cosine with another's
     loo: dict[tuple[str, str], float] = {}  # (adapter, module): squared error on bases fit without it
     done = 0
     try:
-        pending = reader.submit(_load, holders_of, batches[0]) if batches else None
+        load = lambda batch: load_stacked(holders_of[batch[0]], batch, files)  # noqa: E731
+        pending = reader.submit(load, batches[0]) if batches else None
         for i, batch in enumerate(batches):
-            loaded = pending.result()
+            B, A, ranks = pending.result()
             if i + 1 < len(batches):
-                pending = reader.submit(_load, holders_of, batches[i + 1])
-            for m, factors in zip(batch, loaded):
-                for a, cosine in zip(holders_of[m], nearest_twin([A for _, A in factors])):
+                pending = reader.submit(load, batches[i + 1])
+            holders = holders_of[batch[0]]
+            scales = torch.tensor([[a.modules[m].scale for a in holders] for m in batch], dtype=torch.float64)
+            for g, m in enumerate(batch):
+                for a, cosine in zip(holders, nearest_twin([A[g, t, :r] for t, r in enumerate(ranks)])):
                     if cosine is not None:
                         twins[a.name, m] = round(cosine, 4)
-            jobs = [(factors, [a.modules[m].scale for a in holders_of[m]]) for m, factors in zip(batch, loaded)]
-            del loaded
             per = lambda x: [x[m] for m in batch] if isinstance(x, dict) else x  # noqa: E731  (a budget's per-module k and p)
             tick = (lambda g, base=done, batch=batch: progress(base + g + 1, len(order), batch[g])) if progress else None
-            results = compress_batch(jobs, per(rule), method, sweeps, per(p), store, device, tick)
-            for (factors, scales), module, result in zip(jobs, batch, results):
-                held = held_out_errors(factors, scales, result.U.shape[1], result.V.shape[1])
-                for a, err2 in zip(holders_of[module], held or []):
+            results = compress_stacked(B, A, scales, ranks, per(rule), method, sweeps, per(p), store, device, tick)
+            for g, (module, result) in enumerate(zip(batch, results)):
+                factors = [(B[g, t, :, :r], A[g, t, :r]) for t, r in enumerate(ranks)]
+                held = held_out_errors(factors, scales[g].tolist(), result.U.shape[1], result.V.shape[1])
+                for a, err2 in zip(holders, held or []):
                     loo[a.name, module] = err2
-            del jobs
+            del B, A
             for module, result in zip(batch, results):
                 n, d = shapes[module]
                 _collect(module, n, d, holders_of[module], result, basis, modules, cores, entries)
@@ -314,6 +361,7 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
             entries[adapter.name]["sha256"] = digest.result()
     finally:  # on an error, stop what is queued rather than finish it
         reader.shutdown(wait=True, cancel_futures=True)
+        files.shutdown(wait=True, cancel_futures=True)
         hasher.shutdown(wait=True, cancel_futures=True)
     if max_error is not None:
         add_residuals(adapters, basis, cores, entries, max_error, store, progress)
