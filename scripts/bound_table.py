@@ -61,10 +61,10 @@ def synthetic(folder: Path, count: int, seed: int = 0) -> list[str]:
     return out
 
 
-def run(sources: list[str], merge: int, k: int, anchors: int, work: Path) -> dict:
+def run(sources: list[str], merge: int, k: int, anchors: str, work: Path) -> dict:
     zoo = sharecompress.merge(sources[:merge], work / f"zoo-{anchors}", k=k)
     for source in sources[merge:]:
-        zoo.add([source], anchors=anchors)
+        zoo.add([source], anchors=None if anchors == "auto" else int(anchors))
     entries = {e["name"]: e for e in zoo.manifest["adapters"]}
     tight = {a["name"]: a for a in zoo.report()["adapters"]}
     exact = {a["name"]: a for a in zoo.report(against=sources)["adapters"]}
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--synthetic", type=int, default=0, help="generate this many synthetic adapters instead")
     ap.add_argument("--merge", type=int, required=True, help="how many sources the first merge takes")
     ap.add_argument("-k", type=int, default=8)
-    ap.add_argument("--anchors", type=int, nargs="*", default=[4, 0])
+    ap.add_argument("--anchors", nargs="*", default=["auto", "4", "0"], help="auto (the default), or a count")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

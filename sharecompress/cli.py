@@ -202,7 +202,7 @@ def add(
     max_error: Optional[float] = typer.Option(
         None, "--max-error", help="Hold every adapter's relative error (bound) ≤ this with private residuals (default: the zoo's, from merge --max-error)."
     ),
-    anchors: int = typer.Option(4, "--anchors", help="Earlier basis generations kept so that old adapters' error bounds stay tight (each costs one basis file; 0 keeps none)."),
+    anchors: Optional[int] = typer.Option(None, "--anchors", help="Earlier basis generations kept so that old adapters' error bounds stay tight (each costs one basis file; 0 keeps none). Default: at most 4, and never more bytes than the zoo's bases, cores and residuals."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
     """Fold new adapters into a zoo without the original adapters.

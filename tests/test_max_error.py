@@ -16,6 +16,7 @@ from factories import PREFIX, TinyNet, dense_delta, tiny_zoo
 from test_add import adapters
 
 runner = CliRunner()
+SAMPLES = __import__('pathlib').Path(__file__).resolve().parents[1] / "sample_adapters"
 
 
 def stored(zoo, name: str) -> dict:
@@ -233,3 +234,71 @@ def test_fit_residuals_measures_after_rounding():
         L, R, _ = parts[m]
         assert tail2 == pytest.approx(float(((L @ R - RU.double() @ RV.double().T) ** 2).sum()), rel=1e-6, abs=1e-9)
     assert sum(t for _, _, t in fitted.values()) <= 0.01 * total
+
+
+# -- regressions found by review -------------------------------------------------------------
+
+def _zoo_of(tmp_path, count, modules, seed, drop=None, noise=0.6, rank=4):
+    """``count`` adapters of ``modules`` on a planted basis (``drop``: {i: modules it lacks}); returns paths and truth."""
+    from factories import planted_basis, random_factors, write_peft_adapter
+
+    basis = planted_basis(modules, 5, seed=seed)
+    paths, truth = [], {}
+    for i in range(count):
+        mods = {m: s for m, s in modules.items() if m not in (drop or {}).get(i, [])}
+        r = rank + i % 3
+        factors = random_factors(mods, r, seed=seed * 1000 + i, basis={m: basis[m] for m in mods}, noise=noise)
+        name = f"a{i}"
+        paths.append(str(write_peft_adapter(tmp_path / "src" / name, factors, alpha=8.0)))
+        truth[name] = ({m: (b.float().double(), a.float().double()) for m, (b, a) in factors.items()}, 8.0 / r)
+    return paths, truth
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_remove_holds_the_zoos_max_error(tmp_path, seed):
+    modules = {"l0.q_proj": (24, 20), "l1.q_proj": (16, 28)}
+    paths, truth = _zoo_of(tmp_path, 6, modules, seed)
+    zoo = sharecompress.merge(paths, tmp_path / "zoo", energy=0.8, max_error=0.25)
+    zoo.remove("a2")
+    for a in zoo.report()["adapters"]:
+        assert dense_error(zoo, a["name"], truth) <= 0.25 * (1 + 1e-9)
+        assert a["relative_error"] <= 0.25 * (1 + 1e-9)
+    assert zoo.verify()[0] == []
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("seed", range(3))
+def test_half_precision_zoos_hold_max_error_through_adds(tmp_path, dtype, seed):
+    """A first fit aims a little under X in half precision, so later adds can fold their moves in."""
+    modules = {"l0.q_proj": (24, 20), "l1.q_proj": (16, 28)}
+    paths, truth = _zoo_of(tmp_path, 7, modules, seed)
+    zoo = sharecompress.merge(paths[:4], tmp_path / "zoo", k=3, dtype=dtype, max_error=0.3)
+    for path in paths[4:]:
+        zoo.add([path])
+    for a in zoo.report()["adapters"]:
+        assert dense_error(zoo, a["name"], truth) <= a["relative_error"] * (1 + 1e-6) + 1e-9 <= 0.3 * (1 + 1e-6) + 1e-9
+
+
+def test_remove_on_a_fresh_energy_zoo_reads_its_anchor_at_its_own_size(tmp_path):
+    """remove shrinks k while the anchor is still the current basis file: the read is capped by the
+    anchor's recorded size, not by the k being written."""
+    result = runner.invoke(app, ["merge", *[str(p) for p in SAMPLES.iterdir() if p.is_dir()], "--zoo", str(tmp_path / "z"), "-q"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["remove", "topic4", "--zoo", str(tmp_path / "z")])
+    assert result.exit_code == 0, result.output
+    assert sharecompress.Zoo.open(tmp_path / "z").verify()[0] == []
+
+
+def test_a_budgeted_add_with_uneven_module_sets_publishes_a_readable_zoo(tmp_path):
+    modules = {"l0.q_proj": (24, 20), "l0.v_proj": (24, 20), "l1.q_proj": (16, 28), "l2.o_proj": (12, 30)}
+    drop = {0: ["l2.o_proj"], 1: ["l2.o_proj"], 2: ["l2.o_proj"], 4: ["l2.o_proj"], 6: ["l0.q_proj"], 7: ["l2.o_proj", "l1.q_proj"]}
+    for noise in (0.3, 0.8):
+        paths, truth = _zoo_of(tmp_path / str(noise), 8, modules, 825, drop=drop, noise=noise)
+        zoo = sharecompress.merge(paths[:3], tmp_path / f"zoo{noise}", budget=5000)
+        zoo.add(paths[3:6], anchors=0)
+        zoo.add(paths[6:8], anchors=0)
+        assert zoo.verify()[0] == []
+        report = zoo.report()
+        assert report["bytes_basis"] + report["bytes_coefficients"] <= 5000
+        for a in report["adapters"]:
+            assert dense_error(zoo, a["name"], truth) <= a["relative_error"] * (1 + 1e-6) + 1e-9

@@ -226,17 +226,19 @@ def compress_module(
     return compress_batch([(factors, scales)], rule, **options)[0]
 
 
-def spectrum(factors: list[tuple[torch.Tensor, torch.Tensor]], scales: list[float], width: int = 128) -> torch.Tensor:
+def spectrum(factors: list[tuple[torch.Tensor, torch.Tensor]], scales: list[float], width: int | tuple[int, int] = 128) -> torch.Tensor:
     """G_t = Uᵀ·ΔW_t·V (T × k_u × k_v) on the leading ``width`` singular directions of each of the
-    module's two stacks (all of them for small stacks): what ``budget.allocate`` works on."""
+    module's two stacks (all of them for small stacks; one width per side when a pair): what
+    ``budget.allocate`` works on."""
+    widths = width if isinstance(width, tuple) else (width, width)
     B, A = pad_stack(factors)
     work = torch.float64 if B.dtype == torch.float64 else torch.float32
     B, A = B.to(work), A.to(work)
     s = torch.tensor(scales, dtype=work)
     total_rank = sum(b.shape[1] for b, _ in factors)
     bases = []
-    for X, size in ((linalg.left_blocks(B, A, s), B.shape[1]), (linalg.right_blocks(B, A, s), A.shape[2])):
-        bases.append(linalg.top_subspace(X, max(1, min(width, size, total_rank))).basis.to(work))
+    for X, size, wide in ((linalg.left_blocks(B, A, s), B.shape[1], widths[0]), (linalg.right_blocks(B, A, s), A.shape[2], widths[1])):
+        bases.append(linalg.top_subspace(X, max(1, min(wide, size, total_rank))).basis.to(work))
     U, V = bases
     return ((U.T @ B) * s[:, None, None] @ (A @ V)).double()  # each update on those directions
 

@@ -17,6 +17,16 @@ import torch
 f64 = torch.float64
 
 
+# A first fit aims this share under X in half-precision zoos: an adapter left right at X has no
+# room for the rounding of a residual that a later add must fold its move into (``add.absorb_drift``).
+HEADROOM = {torch.float16: 0.02, torch.bfloat16: 0.02}
+
+
+def first_target(limit: float, store: torch.dtype) -> float:
+    """The error a first fit (at merge, or for an adapter an add brings in) aims for under ``limit``."""
+    return limit * (1.0 - HEADROOM.get(store, 0.0))
+
+
 @dataclass
 class Spectrum:
     """The thin SVD of one factored matrix L·R: ``left`` (n × c), ``sigma`` (c), ``right`` (d × c)."""

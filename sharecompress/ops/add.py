@@ -18,12 +18,12 @@ from ..core import linalg
 from ..io.adapter import Adapter
 from ..core.compress import KRule, module_bases, pad_stack, project_all
 from ..core.bounds import orthonormal, parts_of
-from ..core.residual import fit_residuals
+from ..core.residual import first_target, fit_residuals
 from ..errors import InputError, ZooError
 from ..store.reader import ZooReader
 from ..store.writer import unique_stem, write_adapter_files
 from .hold_budget import hold_budget
-from .anchors import KEEP, Anchors, anchor_here, move, prune, stored_factors
+from .anchors import Anchors, anchor_here, move, prune, stored_factors
 from .entries import (adapter_entry, check_finite, finish_adapter_entry, model_key, module_bound2, now, refresh_module_stats,
                       relative, source_keys)
 from .merge import STORE_DTYPES, store_name as manifest_dtype
@@ -152,7 +152,7 @@ def add(
     progress: Callable[[int, int, str], None] | None = None,
     layout: str = "auto",
     max_error: float | None = None,
-    anchors: int = KEEP,
+    anchors: int | None = None,
 ) -> dict:
     """Fold ``sources`` into the zoo, one adapter at a time; returns {old adapter: relative drift}.
 
@@ -172,7 +172,7 @@ def add_adapters(
     progress: Callable[[int, int, str], None] | None = None,
     keep: dict[str, tuple[int, int]] | None = None,
     max_error: float | None = None,
-    anchors: int = KEEP,
+    anchors: int | None = None,
 ) -> dict:
     """``add`` on adapters already read (from files, or trained in the zoo's subspace: ``ops.commit``).
 
@@ -181,7 +181,8 @@ def add_adapters(
     ``max_error`` (default: the zoo's own, from ``merge --max-error``) holds every adapter's error
     ≤ X: a new adapter above it gets a private residual, and an old one whose bound this add would
     lift above it folds what the add moved into its residual (``absorb_drift``).
-    ``anchors``: how many earlier basis generations to keep for tight bounds (``ops.anchors``).
+    ``anchors``: how many earlier basis generations to keep for tight bounds (``ops.anchors``); None:
+    at most 4, and never more bytes than the zoo's own bases, cores and residuals.
     ``grow`` None: ``off`` for a budgeted zoo (k and p reallocated to stay within the budget,
     ``hold_budget``), else ``auto`` (an energy zoo may grow k).
     """
@@ -189,7 +190,7 @@ def add_adapters(
         raise ValueError("--grow must be auto or off")
     if max_error is not None and not (math.isfinite(max_error) and max_error > 0):
         raise ValueError("--max-error must be a positive number")
-    if anchors < 0:
+    if anchors is not None and anchors < 0:
         raise ValueError("--anchors must be 0 or more")
     with Transaction(zoo_path) as tx:
         manifest = tx.manifest  # edited in place: on failure the transaction publishes nothing
@@ -280,7 +281,7 @@ def add_adapters(
         write_generation(tx, manifest, bases, cores, fresh, residuals)
         for name in fresh:
             anchor_here(manifest, entries[name], tx.root)
-        prune(manifest, anchors)
+        prune(manifest, anchors, tx.root)
         for entry in manifest["adapters"]:
             finish_adapter_entry(entry)
         refresh_module_stats(manifest)
@@ -319,8 +320,9 @@ def measure_new(adapter: Adapter, entry: dict, bases: dict, cores: dict, limit: 
         mod.pop("bound2", None)
     norm2 = sum(m["norm2"] for m in mods.values())
     out: dict = {}
-    if limit is not None and relative(sum(m["err2"] for m in mods.values()), norm2) > limit:
-        fitted = fit_residuals(parts, limit**2 * norm2, store)
+    aim = first_target(limit, store) if limit is not None else None  # a little under X in half precision
+    if aim is not None and relative(sum(m["err2"] for m in mods.values()), norm2) > aim:
+        fitted = fit_residuals(parts, aim**2 * norm2, store)
         if fitted is None:
             raise InputError(adapter.source, f"--max-error {limit:g} is below what {manifest_dtype(store)} storage can hold for this adapter")
         for module, (RU, RV, tail2) in fitted.items():
@@ -336,34 +338,58 @@ def measure_new(adapter: Adapter, entry: dict, bases: dict, cores: dict, limit: 
     return out
 
 
-def absorb_drift(name: str, entry: dict, before: dict, prior: dict, bases: dict, cores: dict, residuals: dict,
+def absorb_drift(name: str, entry: dict, before: tuple, prior: dict, bases: dict, cores: dict, residuals: dict,
                  limit: float, store: torch.dtype, zoo_path: Path) -> float | None:
-    """Hold an old adapter's bound ≤ ``limit`` after this add moved it; returns its new drift² (None: untouched).
+    """Hold an old adapter's bound ≤ ``limit`` after an add (or a remove) moved it; returns its new
+    move² (None: untouched).
 
-    Without the original, its error is known only as a bound: its bound before the add (floor, per
-    module) plus how far the add moved it. Where that goes above the limit, the adapter's private
-    residual is refit on M = (its reconstruction before) − (the new shared part), the least that
-    brings the bound back to ≤ limit; the add's drift is then ‖M − RU·RVᵀ‖.
+    Without the original, its error is known only as a bound: its bound before (floor, per module)
+    plus how far it moved. Where that goes above the limit, its private residual is refit on
+    M = (its reconstruction before) − (the new shared part), the least that brings the bound back
+    to ≤ limit; the move is then ‖M − RU·RVᵀ‖. In float16 or bfloat16, rounding a whole new
+    residual can cost more than the room an adapter has left under the limit: then the old
+    residual stays as it was and new directions are fit to the shared part's move alone.
+    ``before`` = (bases, cores, residuals) before the operation.
     """
     finish_adapter_entry(entry)
-    if entry["relative_error"] <= limit:
+    if entry["relative_error"] <= first_target(limit, store):  # in half precision, taken back before it reaches X
         return None
     mods = entry["modules"]
-    parts = {}
-    for module, (L0, R0) in stored_factors(*before).items():
-        U, V = (t.to(f64) for t in bases[module])
-        E, F = (t.to(f64) for t in cores[module])
-        parts[module] = (torch.cat([L0, -(U @ E)], 1), torch.cat([R0, F @ V.T], 0), prior[module][0] ** 0.5)
-    fitted = fit_residuals(parts, limit**2 * entry["norm2"], store)
+    old_bases, old_cores, old_residuals = before
+    target2 = limit**2 * entry["norm2"]
+
+    def parts(own: dict) -> dict:
+        out = {}
+        for module, (L0, R0) in stored_factors(old_bases, old_cores, own).items():
+            U, V = (t.to(f64) for t in bases[module])
+            E, F = (t.to(f64) for t in cores[module])
+            out[module] = (torch.cat([L0, -(U @ E)], 1), torch.cat([R0, F @ V.T], 0), prior[module][0] ** 0.5)
+        return out
+
+    # aim a little under X where that can be had (room for the next move's rounding), else at X
+    aims = [first_target(limit, store) ** 2 * entry["norm2"], target2]
+    fitted, kept = next((f for f in (fit_residuals(parts(old_residuals), t, store) for t in aims) if f is not None), None), {}
+    if fitted is None and old_residuals:
+        kept = old_residuals
+        fitted = next((f for f in (fit_residuals(parts({}), t, store) for t in aims) if f is not None), None)
+        if fitted is not None and any(kept[m][0].shape[1] + fitted[m][0].shape[1] > min(bases[m][0].shape[0], bases[m][1].shape[0])
+                                      for m in kept if m in fitted):
+            fitted = None
     if fitted is None:
-        bound = relative(sum(p[2] ** 2 for p in parts.values()), entry["norm2"])
-        raise ZooError(zoo_path, f"adapter {name!r}: its error bound before this add, ≤ {bound:.4g}, is already above "
-                                 f"--max-error {limit:g}; without its original nothing can bring it down (merge it again "
-                                 "with --max-error, or add with a larger one)")
+        floors2 = sum(prior[m][0] for m in old_cores)
+        if floors2 > target2:
+            raise ZooError(zoo_path, f"adapter {name!r}: its error bound before this change, ≤ {relative(floors2, entry['norm2']):.4g}, "
+                                     f"is already above --max-error {limit:g}; without its original nothing can bring it down "
+                                     "(merge it again with --max-error, or use a larger one)")
+        raise ZooError(zoo_path, f"adapter {name!r}: --max-error {limit:g} cannot be held in {manifest_dtype(store)} storage "
+                                 "after this change (rounding its residual costs more than the room it has left under the "
+                                 "limit); merge with --dtype float32, or use a larger --max-error")
     residuals[name] = {}
     total = 0.0
     for module, (RU, RV, tail2) in fitted.items():
         check_finite(name, module, (RU, RV), (tail2,))
+        if module in kept:  # the old residual as it was, the move's directions after it
+            RU, RV = torch.cat([kept[module][0], RU], 1), torch.cat([kept[module][1], RV], 1)
         mod = mods[module]
         if RU.shape[1]:
             residuals[name][module] = (RU, RV)
@@ -405,12 +431,38 @@ def module_info(info: dict | None, n: int, d: int, ku: int, kv: int, curve: torc
     return info
 
 
+def check_shapes(zoo_path: Path, manifest: dict, bases: dict, cores: dict, residuals: dict) -> None:
+    """Every tensor about to be written against what the manifest will say of it: a mismatch is a bug,
+    and publishing it would leave a zoo nothing can read, so it stops the write (nothing published)."""
+    wrong = []
+    for module, (U, V) in bases.items():
+        info = manifest["modules"].get(module)
+        if info is None or list(U.shape) != [info["shape"][0], info["k_u"]] or list(V.shape) != [info["shape"][1], info["k_v"]]:
+            wrong.append(f"basis of {module!r}")
+    for entry in manifest["adapters"]:
+        own = cores[entry["name"]]
+        if set(own) != set(entry["modules"]):
+            wrong.append(f"modules of {entry['name']!r}")
+            continue
+        for module, (E, F) in own.items():
+            info, mod = manifest["modules"][module], entry["modules"][module]
+            if list(E.shape) != [info["k_u"], mod["p"]] or list(F.shape) != [mod["p"], info["k_v"]]:
+                wrong.append(f"cores of {entry['name']!r} in {module!r}")
+            held = residuals.get(entry["name"], {}).get(module)
+            if (held[0].shape[1] if held is not None else 0) != mod.get("residual", 0):
+                wrong.append(f"residual of {entry['name']!r} in {module!r}")
+    if wrong:
+        raise ZooError(zoo_path, f"internal error, nothing was written: {wrong[0]} disagrees with the manifest "
+                                 f"({len(wrong)} such); please report it")
+
+
 def write_generation(tx: Transaction, manifest: dict, bases, cores, fresh: dict[str, Adapter], residuals: dict) -> None:
     """Every file of the new generation under fresh names, before the manifest names them.
 
     ``residuals`` {adapter: {module: (RU, RV)}}: the private residuals (``--max-error``) travel with
     each adapter's cores into its new file.
     """
+    check_shapes(tx.zoo, manifest, bases, cores, residuals)
     gen = tx.generation
     basis_rel = f"basis.g{gen}.safetensors"
     flat = {}

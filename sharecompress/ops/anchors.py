@@ -20,6 +20,7 @@ import torch
 from ..core.bounds import Frame, anchored_bound2
 from ..errors import ZooError
 from ..io.confined import Dir
+from ..store.manifest import stored_bytes
 from ..store.reader import ZooReader
 from .entries import module_bound2
 
@@ -55,15 +56,38 @@ def generation_of(rel: str) -> int:
     return int(found[1]) if found else 1
 
 
-def prune(manifest: dict, keep: int = KEEP) -> list[str]:
-    """Drop anchors nobody uses, then the least used earlier generations (oldest first) beyond ``keep``;
-    returns the basis files dropped. Their adapters go on from the bound they hold (the chain)."""
+def prune(manifest: dict, keep: int | None = None, root: Dir | None = None) -> list[str]:
+    """Drop anchors nobody uses, then earlier generations beyond what is kept; returns the basis files
+    dropped. Their adapters go on from the bound they hold (the chain from there: rigorous, looser).
+
+    ``keep`` N: the N earlier generations that anchor the most adapters (newest first on ties).
+    ``keep`` None: at most ``KEEP``, the most adapters per byte first, and never more bytes than the
+    zoo's own files take on disk (in ``root``; else its bases, cores and residuals): anchors at most
+    double what a zoo stores.
+    """
     anchors = manifest.get("anchors") or {}
     holders = Counter(e["anchor"]["basis_file"] for e in manifest["adapters"] if e.get("anchor"))
     dropped = [rel for rel in anchors if not holders[rel]]
-    earlier = sorted((rel for rel in anchors if holders[rel] and rel != manifest["basis_file"]),
-                     key=lambda rel: (holders[rel], generation_of(rel)))
-    dropped += earlier[: max(0, len(earlier) - keep)]
+    earlier = [rel for rel in anchors if holders[rel] and rel != manifest["basis_file"]]
+
+    def cost(rel: str) -> int:
+        own = sum(e["anchor"]["bytes"] for e in manifest["adapters"]
+                  if e.get("anchor") and e["anchor"]["basis_file"] == rel and e["anchor"]["file"] != e["file"])
+        return anchors[rel]["bytes"] + own
+
+    if keep is None:
+        count, room = KEEP, _on_disk(manifest, root) if root is not None else stored_bytes(manifest)
+        earlier.sort(key=lambda rel: (-holders[rel] / max(cost(rel), 1), -generation_of(rel)))
+    else:
+        count, room = keep, None
+        earlier.sort(key=lambda rel: (-holders[rel], -generation_of(rel)))
+    spent = kept = 0
+    for rel in earlier:
+        if kept < count and (room is None or spent + cost(rel) <= room):
+            kept += 1
+            spent += cost(rel)
+        else:
+            dropped.append(rel)
     for rel in dropped:
         anchors.pop(rel, None)
     for entry in manifest["adapters"]:
@@ -76,6 +100,11 @@ def prune(manifest: dict, keep: int = KEEP) -> list[str]:
     return dropped
 
 
+def _on_disk(manifest: dict, root: Dir) -> int:
+    """Bytes of the current generation's basis and cores files."""
+    return _size(root, manifest["basis_file"]) + sum(_size(root, e["file"]) for e in manifest["adapters"])
+
+
 class Anchors:
     """Reads anchors (each basis generation once) and tightens moved adapters' bounds with them."""
 
@@ -86,13 +115,15 @@ class Anchors:
 
     def _basis(self, rel: str):
         if rel not in self._bases:
-            self._bases[rel] = self.zoo.checked_file(rel, self.zoo.manifest["anchors"][rel]["sha256"])
+            anchor = self.zoo.manifest["anchors"][rel]
+            self._bases[rel] = self.zoo.checked_file(rel, anchor["sha256"], anchor["bytes"])
         return self._bases[rel]
 
     def state(self, entry: dict) -> dict[str, tuple]:
         """{module: (U₀, V₀, E₀, F₀, RU₀, RV₀)} at the adapter's anchor (RU₀, RV₀ None without a residual)."""
         anchor = entry["anchor"]
-        basis, cores = self._basis(anchor["basis_file"]), self.zoo.checked_file(anchor["file"], anchor["sha256"])
+        basis = self._basis(anchor["basis_file"])
+        cores = self.zoo.checked_file(anchor["file"], anchor["sha256"], anchor["bytes"])
         where = self.zoo.path / anchor["file"]
         read = lambda f, key: f.read(key) if key in f.tensors else None  # noqa: E731
         out = {}

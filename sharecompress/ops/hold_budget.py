@@ -39,7 +39,7 @@ def hold_budget(zoo_path, manifest: dict, bases: dict, cores: dict, entries: dic
         holders_of[module] = holders
         U64, V64 = U.to(f64), V.to(f64)
         factors = [(U64 @ E.to(f64), F.to(f64) @ V64.T) for E, F in holders.values()]
-        G = spectrum(factors, [1.0] * len(factors), width=max(U.shape[1], V.shape[1]))
+        G = spectrum(factors, [1.0] * len(factors), width=(U.shape[1], V.shape[1]))  # never more than each side holds
         spectra[module] = ModuleSpectrum(U.shape[0], V.shape[0], [E.shape[1] for E, _ in holders.values()], G)
     try:
         sizes = allocate(spectra, limit // size, manifest.get("p"))
@@ -60,6 +60,7 @@ def hold_budget(zoo_path, manifest: dict, bases: dict, cores: dict, entries: dic
         for t, pair in moved.items():  # the add measures how far each moved, once, at its end
             cores[t][module] = pair
             entries[t]["modules"][module]["p"] = pair[0].shape[1]
+        ku, kv = U2.shape[1], V2.shape[1]  # what the refit made (never above what the stored updates span)
         keep = min(curve.numel(), max(2 * ku, 64))
         info.update(k=max(ku, kv), k_u=ku, k_v=kv, p=p, sweeps=done,
                     energy_curve=[round(x, 7) for x in torch.cumsum(curve[:keep], 0).tolist()])

@@ -21,7 +21,7 @@ from ..store.manifest import DEFAULT_ZOO, MANIFEST, manifest_bytes, replaceable_
 from ..store.storage import staged_directory
 from ..store.writer import write_zoo_files
 from ..core.bounds import orthonormal, parts_of
-from ..core.residual import fit_residuals
+from ..core.residual import first_target, fit_residuals
 from .anchors import anchor_here
 from .entries import adapter_entry, check_finite, finish_adapter_entry, model_key, now, refresh_module_stats, relative, source_keys
 
@@ -395,8 +395,9 @@ def add_residuals(adapters: list[Adapter], basis: dict, cores: dict, entries: di
     A second pass over those adapters alone: their factors are read again, one adapter at a time,
     so memory holds one adapter's residual problem, never the zoo's.
     """
+    aim = first_target(max_error, store)  # a little under X in half precision: room for later adds
     over = [a for a in adapters if relative(sum(m["err2"] for m in entries[a.name]["modules"].values()),
-                                            sum(m["norm2"] for m in entries[a.name]["modules"].values())) > max_error]
+                                            sum(m["norm2"] for m in entries[a.name]["modules"].values())) > aim]
     for i, adapter in enumerate(over):
         mods = entries[adapter.name]["modules"]
         parts = {}
@@ -405,7 +406,7 @@ def add_residuals(adapters: list[Adapter], basis: dict, cores: dict, entries: di
             U, V = (t.to(torch.float64) for t in (basis[f"{module}.U"], basis[f"{module}.V"]))
             E, F = (cores[adapter.name][f"{module}.{x}"].to(torch.float64) for x in "EF")
             parts[module] = (torch.cat([adapter.modules[module].scale * b, -(U @ E)], 1), torch.cat([a, F @ V.T], 0), 0.0)
-        target2 = max_error**2 * sum(m["norm2"] for m in mods.values())
+        target2 = aim**2 * sum(m["norm2"] for m in mods.values())
         fitted = fit_residuals(parts, target2, store)
         if fitted is None:
             raise InputError(adapter.source, f"--max-error {max_error:g} is below what {store_name(store)} storage can hold "

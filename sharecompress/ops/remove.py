@@ -19,9 +19,9 @@ from ..core.compress import KRule
 from ..errors import ZooError
 from ..store.reader import ZooReader
 from ..store.transaction import Transaction
-from .add import fold_module, module_info, write_generation
-from .anchors import KEEP, Anchors, move, prune
-from .entries import check_finite, finish_adapter_entry, now, refresh_module_stats
+from .add import absorb_drift, fold_module, module_info, write_generation
+from .anchors import Anchors, move, prune
+from .entries import check_finite, finish_adapter_entry, module_bound2, now, refresh_module_stats
 from .merge import STORE_DTYPES
 
 
@@ -39,6 +39,12 @@ def remove(zoo_path: str | Path, names: Iterable[str]) -> dict[str, float]:
         zoo = ZooReader.from_manifest(tx.zoo, manifest, tx.digest)
         bases = zoo.bases()
         cores = {e["name"]: zoo.cores(e["name"]) for e in manifest["adapters"]}
+        residuals = {e["name"]: zoo.residuals(e["name"]) for e in manifest["adapters"]}
+        entries = {e["name"]: e for e in manifest["adapters"]}
+        limit = manifest.get("max_error")
+        # as each adapter was: what --max-error takes a move back to (``add.absorb_drift``)
+        old_bases, old_cores = dict(bases), {t: dict(own) for t, own in cores.items()}
+        prior = {t: {m: (module_bound2(mod), mod.get("drift", 0.0)) for m, mod in e["modules"].items()} for t, e in entries.items()}
         drift2: dict[str, float] = {}
         moved = False
         for module in list(manifest["modules"]):
@@ -56,18 +62,23 @@ def remove(zoo_path: str | Path, names: Iterable[str]) -> dict[str, float]:
             bases[module] = (U2, V2)
             for t, pair in new_cores.items():
                 cores[t][module] = pair
-                mod = next(e for e in manifest["adapters"] if e["name"] == t)["modules"][module]
+                mod = entries[t]["modules"][module]
                 move(mod, drifts[t] ** 0.5)
                 mod["p"] = pair[0].shape[1]
                 drift2[t] = drift2.get(t, 0.0) + drifts[t]
-        residuals = {e["name"]: zoo.residuals(e["name"]) for e in manifest["adapters"]}
         tight = Anchors(zoo)
-        for entry in manifest["adapters"]:
-            if entry["name"] in drift2:
-                tight.tighten(entry, bases, cores[entry["name"]], residuals[entry["name"]])
+        for t in list(drift2):
+            tight.tighten(entries[t], bases, cores[t], residuals[t])
+            if limit is not None:  # the zoo's guarantee holds through a remove as through an add
+                moved2 = absorb_drift(t, entries[t], (old_bases, old_cores[t], residuals[t]), prior[t], bases, cores[t],
+                                      residuals, limit, STORE_DTYPES[manifest["dtype"]], Path(zoo_path))
+                if moved2 is not None:
+                    drift2[t] = moved2
+                    moved = True
+                    tight.tighten(entries[t], bases, cores[t], residuals[t])
         if moved:
             write_generation(tx, manifest, bases, cores, {}, residuals)
-        prune(manifest, KEEP)  # anchors only removed adapters used go with them
+        prune(manifest, root=tx.root)  # anchors only removed adapters used go with them
         for entry in manifest["adapters"]:
             finish_adapter_entry(entry)
         refresh_module_stats(manifest)

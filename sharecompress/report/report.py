@@ -189,7 +189,9 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
             "share is that common start, not learned structure; a new task trained from another seed will fit less well"
         )
     if report.get("bytes_anchors"):
+        with_anchors = report["bytes_compressed"] + report["bytes_anchors"]
         console.print(f"anchors: {human_bytes(report['bytes_anchors'])} of earlier generations kept so that the bounds of "
-                      "adapters moved by adds stay tight (add --anchors N; in neither figure)")
+                      f"adapters moved by adds stay tight (add --anchors N); with them the zoo takes {human_bytes(with_anchors)}, "
+                      f"{report['bytes_original'] / with_anchors:.2f}× all-in")
     if report["bytes_extras"]:
         console.print(f"non-LoRA tensors kept verbatim: {human_bytes(report['bytes_extras'])} (in neither figure)")

@@ -26,7 +26,8 @@ FORMAT_VERSION = 1
 DEFAULT_ZOO = "share_zoo"
 MAX_MANIFEST_BYTES = 64 << 20  # ~1,000 adapters x 200 modules; JSON of that size parses in well under 2 GB
 _HEADER_ALLOWANCE = 64 << 10
-_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_ITEM_BYTES = ITEM_BYTES
 
 
 def side_ks(module: dict) -> tuple[int, int]:
@@ -159,6 +160,17 @@ def expected_bytes(manifest: dict, relative: str) -> int:
     raise ZooError(relative, "is not named by the manifest")
 
 
+def stored_bytes(manifest: dict) -> int:
+    """Bytes of the zoo's bases, cores and private residuals (what serving it needs; heads and anchors apart)."""
+    item = ITEM_BYTES[manifest.get("dtype", "float32")]
+    modules = manifest["modules"]
+    total = sum(info["shape"][0] * info["k_u"] + info["shape"][1] * info["k_v"] for info in modules.values())
+    for entry in manifest["adapters"]:
+        for m, mod in entry["modules"].items():
+            total += (modules[m]["k_u"] + modules[m]["k_v"]) * mod["p"] + sum(modules[m]["shape"]) * mod.get("residual", 0)
+    return total * item
+
+
 def anchor_files(manifest: dict) -> dict[str, tuple[str, int]]:
     """{earlier generation's file kept for tight bounds (``ops.anchors``): (sha256, bytes)}."""
     out = {rel: (a["sha256"], a["bytes"]) for rel, a in (manifest.get("anchors") or {}).items()}
@@ -169,18 +181,19 @@ def anchor_files(manifest: dict) -> dict[str, tuple[str, int]]:
     return out
 
 
-def read_checked(path: Path, manifest: dict, relative: str, digest: str, root: Dir | None = None) -> SafetensorsFile:
+def read_checked(path: Path, manifest: dict, relative: str, digest: str, root: Dir | None = None,
+                 limit: int | None = None) -> SafetensorsFile:
     """Zoo file ``relative``, read once into memory, its sha256 checked before any tensor is parsed.
 
-    Links are refused at every step (``confined``); a file larger than the manifest allows is
-    refused before it is read. ZooError names the file and what is wrong.
+    Links are refused at every step (``confined``); a file larger than the manifest allows (or
+    ``limit``: an anchor's recorded size) is refused before it is read. ZooError names the file and what is wrong.
     """
     full = path / relative
     opened = root if root is not None else Dir.open(path)
     try:
         where, leaf = open_relative(opened, relative)
         try:
-            data = where.read(leaf, expected_bytes(manifest, relative))
+            data = where.read(leaf, expected_bytes(manifest, relative) if limit is None else limit)
         finally:
             if where is not opened:
                 where.close()

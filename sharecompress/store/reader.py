@@ -70,10 +70,10 @@ class ZooReader:
                 return entry
         raise ZooError(self.path, f"no adapter named {name!r} in this zoo (it has: {', '.join(self.names) or 'none'})")
 
-    def _file(self, relative: str, digest: str) -> SafetensorsFile:
+    def _file(self, relative: str, digest: str, size: int | None = None) -> SafetensorsFile:
         """A verified zoo file; ZooChanged when it failed because a writer has moved the zoo on."""
         try:
-            return read_checked(self.path, self.manifest, relative, digest)
+            return read_checked(self.path, self.manifest, relative, digest, limit=size)
         except ZooError as exc:
             if self._moved_on():
                 raise ZooChanged(exc.path, "changed by a writer while being read") from None
@@ -85,9 +85,10 @@ class ZooReader:
         except ShareError:
             return True
 
-    def checked_file(self, relative: str, digest: str) -> SafetensorsFile:
-        """Any file the manifest names (an anchor of an earlier generation, say), checksum checked."""
-        return self._file(relative, digest)
+    def checked_file(self, relative: str, digest: str, size: int | None = None) -> SafetensorsFile:
+        """Any file the manifest names (an anchor of an earlier generation, say), checksum checked;
+        ``size``: its recorded size, the read's cap (a writer may be resizing the current k meanwhile)."""
+        return self._file(relative, digest, size)
 
     def _tensor(self, f: SafetensorsFile, key: str, shape: list[int] | None = None) -> torch.Tensor:
         info = f.tensors.get(key)
