@@ -63,20 +63,24 @@ def anchored_bound2(err2: float, parts: list[float], QU: torch.Tensor, QV: torch
 
 
 def merge_parts(U: torch.Tensor, V: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
-                s: torch.Tensor, E: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+                s: torch.Tensor, E: torch.Tensor, F: torch.Tensor, grams: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
     """``err_parts`` of every adapter of one module at the merge (T × 4), batched, from k- and r-sized products.
 
     U (n × k), V (d × k) as stored; P = UᵀB_t, Q = A_t·V as ``compress.project_all`` has them;
     E, F the stored cores. With U = Q_U·R_U, Q_Uᵀ·B = R_U⁻ᵀ·P; U·E·F·Vᵀ lies inside both bases, so
     every part outside them is ΔW's alone: ‖(I − P_U)·ΔW‖² = s²⟨BᵀB − B̃ᵀB̃, AAᵀ⟩ and so on.
+    ``grams`` = (BᵀB, AAᵀ) when the caller has them.
     """
-    U, V, P, Q, B, A, s, E, F = (t.to(f64) for t in (U, V, P, Q, B, A, s, E, F))
+    U, V, P, Q, s, E, F = (t.to(f64) for t in (U, V, P, Q, s, E, F))
     RU, RV = torch.linalg.qr(U)[1], torch.linalg.qr(V)[1]
-    Pt = torch.linalg.solve_triangular(RU.T, P, upper=False)  # Q_Uᵀ·B  (T, k, r)
-    Qt = torch.linalg.solve_triangular(RV, Q, upper=True, left=False)  # A·Q_V  (T, r, k)
+    eye_u, eye_v = torch.eye(RU.shape[0], dtype=f64, device=RU.device), torch.eye(RV.shape[0], dtype=f64, device=RV.device)
+    Pt = torch.linalg.solve_triangular(RU.T, eye_u, upper=False) @ P  # Q_Uᵀ·B = R_U⁻ᵀ·UᵀB  (T, k, r)
+    Qt = Q @ torch.linalg.solve_triangular(RV, eye_v, upper=True)  # A·Q_V  (T, r, k)
     s1 = s[:, None, None]
     inside = s1 * (Pt @ Qt) - RU @ E @ F @ RV.T
-    BB, AA = s1 * s1 * (B.mT @ B), A @ A.mT
+    BtB, AAt = grams if grams is not None else (B.to(f64).mT @ B.to(f64), A.to(f64) @ A.to(f64).mT)
+    BB, AA = s1 * s1 * BtB, AAt
     BBin, AAin = s1 * s1 * (Pt.mT @ Pt), Qt @ Qt.mT
     inner = lambda G, H: (G * H).sum(dim=(-2, -1))  # noqa: E731
     left_out2 = inner(BB - BBin, AA)  # ‖(I − P_U)·R‖²

@@ -208,8 +208,9 @@ def project_all(
     keeps = [min(r, k, p if p is not None else r) for r in ranks]
     E, F = linalg.split_cores(P, Q, s64, keeps, ranks)
     E, F = E.to(store), F.to(store)
-    err2, norm2 = linalg.squared_errors(B64, A64, s64, U64, E, F, V64, P, Q)
-    parts = merge_parts(U64, V64, P, Q, B64, A64, s64, E, F)
+    grams = (B64.mT @ B64, A64 @ A64.mT)  # shared by the errors and the parts
+    err2, norm2 = linalg.squared_errors(B64, A64, s64, U64, E, F, V64, P, Q, grams)
+    parts = merge_parts(U64, V64, P, Q, B64, A64, s64, E, F, grams)
     # to the host in one transfer each (a GPU merge would otherwise wait on 2·T tiny copies per module)
     E, F, err2, norm2, parts = E.cpu(), F.cpu(), err2.tolist(), norm2.tolist(), parts.tolist()
     return [
@@ -281,6 +282,7 @@ def compress_stacked(
     store: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     finished: Callable[[int], None] | None = None,
+    not_finite: Callable[[], None] | None = None,
 ) -> list[ModuleResult]:
     """Bases and cores for G modules of one shape: B (G, T, n, r), A (G, T, r, d) zero-padded to the
     largest of ``ranks`` (adapter t's own rank), s (G, T) the scales.
@@ -290,6 +292,8 @@ def compress_stacked(
     nearly all the arithmetic — run as one batched call; what follows works on small projected
     factors and goes module by module. Results equal G separate ``compress_module`` calls.
     ``rule`` and ``p`` are one for all, or one per module (a budget gives each its own k and p).
+    The stacks are checked for NaN or Inf once, on the device (a sum is not finite when any element
+    is not); ``not_finite`` is called then, to name the file (it raises), else ValueError.
     """
     G = B.shape[0]
     rules = rule if isinstance(rule, list) else [rule] * G
@@ -298,14 +302,20 @@ def compress_stacked(
     B, A = B.to(device, non_blocking=True), A.to(device, non_blocking=True)
     s = s.to(device=device, dtype=torch.float64)
     work = torch.float64 if B.dtype == torch.float64 else torch.float32
+    B, A = B.to(work), A.to(work)  # widened once, on the device
+    if not all(bool(torch.isfinite(X.sum(dtype=torch.float64 if work == torch.float64 else torch.float32))) for X in (B, A)):
+        if not_finite is not None:
+            not_finite()
+        if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):  # a sum can overflow alone
+            raise ValueError("the factors hold NaN or Inf")
     sketched = None
     if G > 1 and needs_sketch(n, d, total_rank, method):
         width = max(sketch_width(r) for r in rules)
-        sketched = sketch(B.to(work), A.to(work), s.to(work), (min(n, total_rank, width), min(d, total_rank, width)))
+        sketched = sketch(B, A, s.to(work), (min(n, total_rank, width), min(d, total_rank, width)))
     results = []
     for g in range(G):
         mine = None if sketched is None else tuple(t[g] for t in sketched)
-        Bg, Ag = B[g].to(work), A[g].to(work)
+        Bg, Ag = B[g], A[g]
         U, V, curve, done = module_bases(Bg, Ag, s[g], rules[g], method, sweeps, total_rank, mine)
         U_st, V_st = U.to(store).contiguous(), V.to(store).contiguous()
         cores = project_all(U_st, V_st, Bg, Ag, s[g], ranks, ps[g], store)

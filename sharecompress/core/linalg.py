@@ -18,13 +18,29 @@ import torch
 _NOISE_FLOOR = 1e-13
 
 
+def gram_root(A: torch.Tensor) -> torch.Tensor:
+    """R (…, r, r) with RᵀR = A·Aᵀ for A (…, r, d): the R of a thin QR of Aᵀ, up to a rotation.
+
+    From the r × r Gram by Cholesky (a tenth of a thin QR's time for LoRA's r ≪ d); where the
+    Gram is singular (a rank-deficient A, or the zero rows that pad a lower rank) a symmetric
+    root from its eigen-decomposition instead.
+    """
+    G = A @ A.transpose(-1, -2)
+    L, info = torch.linalg.cholesky_ex(G)
+    if not bool((info > 0).any()):
+        return L.transpose(-1, -2)
+    w, W = torch.linalg.eigh(G)
+    root = w.clamp_min(0.0).sqrt()[..., :, None] * W.transpose(-1, -2)
+    return torch.where((info > 0)[..., None, None], root, L.transpose(-1, -2))
+
+
 def left_blocks(B: torch.Tensor, A: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """X (T, n, c) with Σ_t X_t X_tᵀ = Σ_t ΔW_t ΔW_tᵀ, ΔW_t = s_t B_t A_t.
 
-    Thin QR of A_tᵀ = Q_t R_t gives A_t A_tᵀ = R_tᵀ R_t, so X_t = s_t B_t R_tᵀ: the left
-    singular subspace no longer depends on how B·A was split (gauge invariance).
+    With A_t A_tᵀ = R_tᵀ R_t (``gram_root``), X_t = s_t B_t R_tᵀ: the left singular subspace no
+    longer depends on how B·A was split (gauge invariance).
     """
-    R = torch.linalg.qr(A.transpose(-1, -2), mode="r")[1]
+    R = gram_root(A)
     return s[..., None, None] * (B @ R.transpose(-1, -2))
 
 
@@ -271,21 +287,22 @@ def difference_norm2(
 
 def squared_errors(
     B: torch.Tensor, A: torch.Tensor, s: torch.Tensor, U: torch.Tensor, E: torch.Tensor, F: torch.Tensor, V: torch.Tensor,
-    P: torch.Tensor | None = None, Q: torch.Tensor | None = None,
+    P: torch.Tensor | None = None, Q: torch.Tensor | None = None, grams: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(‖ΔW_t − U E_t F_t Vᵀ‖², ‖ΔW_t‖²) for every t exactly, in float64, batched over adapters.
 
     X₁ = s B, Y₁ = A against X₂ = U E, Y₂ = F Vᵀ (``difference_norm2``). Holds for any U, V,
     orthonormal or not, so it measures what is stored (rounded to the storage dtype).
-    ``P`` = UᵀB and ``Q`` = A V, when the caller has them, are not computed again.
+    ``P`` = UᵀB and ``Q`` = A V, and ``grams`` = (BᵀB, AAᵀ), when the caller has them, are not computed again.
     """
     f64 = torch.float64
     B, A, s, U, E, F, V = (t.to(f64) for t in (B, A, s, U, E, F, V))
     P = U.T @ B if P is None else P.to(f64)
     Q = A @ V if Q is None else Q.to(f64)
     s1 = s[:, None, None]
-    G11 = s1 * s1 * (B.mT @ B)
-    H11 = A @ A.mT
+    BtB, AAt = grams if grams is not None else (B.mT @ B, A @ A.mT)
+    G11 = s1 * s1 * BtB
+    H11 = AAt
     err2 = difference_norm2(G11, s1 * (P.mT @ E), E.mT @ (U.T @ U) @ E, H11, Q @ F.mT, F @ (V.T @ V) @ F.mT)
     return err2, (G11 * H11).sum(dim=(-2, -1)).clamp_min(0.0)
 

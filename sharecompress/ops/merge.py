@@ -288,8 +288,8 @@ def load_stacked(holders: list[Adapter], modules: list[str], pool: ThreadPoolExe
     to the largest rank, and each adapter's rank. Every module of a batch has the same adapters,
     shape and ranks (``plan_batches``). One adapter's file per task when ``pool`` is given.
 
-    NaN or Inf is refused for the whole stack at once (a sum is not finite when any element is
-    not); only then is each tensor checked, to name the file.
+    The stacks are not checked for NaN or Inf here: ``compress_stacked`` checks each whole stack
+    once on the device, and ``name_the_bad_tensor`` finds the file.
     """
     first = holders[0].modules[modules[0]]
     ranks = [a.modules[modules[0]].rank for a in holders]
@@ -304,12 +304,14 @@ def load_stacked(holders: list[Adapter], modules: list[str], pool: ThreadPoolExe
             holders[t].read_into(module, B[g, t], A[g, t])
 
     list(pool.map(fill, range(len(holders))) if pool is not None else map(fill, range(len(holders))))
-    wide = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
-    if not all(math.isfinite(float(X.sum(dtype=wide))) for X in (B, A)):
-        for g, module in enumerate(modules):
-            for adapter in holders:
-                adapter.factors(module, None)  # raises, naming the file and tensor
     return B, A, ranks
+
+
+def name_the_bad_tensor(holders: list[Adapter], modules: list[str]) -> None:
+    """Called when a batch's stacks hold NaN or Inf: checks each tensor, to name the file (raises)."""
+    for module in modules:
+        for adapter in holders:
+            adapter.factors(module, None)  # raises, naming the file and tensor
 
 
 def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: Dir, progress, device, with_extras=True,
@@ -346,7 +348,8 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
                         twins[a.name, m] = round(cosine, 4)
             per = lambda x: [x[m] for m in batch] if isinstance(x, dict) else x  # noqa: E731  (a budget's per-module k and p)
             tick = (lambda g, base=done, batch=batch: progress(base + g + 1, len(order), batch[g])) if progress else None
-            results = compress_stacked(B, A, scales, ranks, per(rule), method, sweeps, per(p), store, device, tick)
+            bad = lambda batch=batch: name_the_bad_tensor(holders_of[batch[0]], batch)  # noqa: E731
+            results = compress_stacked(B, A, scales, ranks, per(rule), method, sweeps, per(p), store, device, tick, bad)
             for g, (module, result) in enumerate(zip(batch, results)):
                 factors = [(B[g, t, :, :r], A[g, t, :r]) for t, r in enumerate(ranks)]
                 held = held_out_errors(factors, scales[g].tolist(), result.U.shape[1], result.V.shape[1])
@@ -431,8 +434,11 @@ def store_name(store: torch.dtype) -> str:
 def _collect(module, n, d, holders, result, basis, modules, cores, entries) -> None:
     """File one module's result into the basis, the cores and the manifest entries."""
     basis[f"{module}.U"], basis[f"{module}.V"] = result.U, result.V
-    for adapter, core in zip(holders, result.cores):
-        check_finite(adapter.source, module, (core.E, core.F), (core.err2, core.norm2))
+    # a core with NaN or Inf makes its error figures NaN or Inf (they are computed from it): the
+    # tensors are checked one by one only when some figure is not finite
+    if not all(math.isfinite(c.err2) and math.isfinite(c.norm2) for c in result.cores):
+        for adapter, core in zip(holders, result.cores):
+            check_finite(adapter.source, module, (core.E, core.F), (core.err2, core.norm2))
     check_finite(holders[0].source if len(holders) == 1 else "the adapters", module, (result.U, result.V), ())
     modules[module] = _module_entry(result, n, d)
     for adapter, core in zip(holders, result.cores):
