@@ -89,20 +89,21 @@ class Adapter:
             return reduce_rank(b, a, dtype)
         return b.to(dtype), a.to(dtype)
 
-    def read_into(self, module: str, B: torch.Tensor, A: torch.Tensor) -> None:
+    def read_into(self, module: str, B: torch.Tensor, A: torch.Tensor, fd: int | None = None) -> None:
         """One module's factors into B (n × r) and A (r × d), slices of a batch's stacks (a merge's).
 
         Where the file holds them as the stacks do (same dtype, the full width), the bytes go
         straight from the file into the stack and are not checked for NaN/Inf here: the caller
         checks the whole stack at once and asks ``factors`` which tensor it was. Otherwise they go
         through ``factors`` (checked, widened) and are copied in, zero-padded beyond the rank.
+        ``fd``: the file's descriptor from ``file.opened()``, for many modules of one adapter.
         """
         spec = self.modules[module]
         info = self.file.tensors[spec.b_key]
         if (spec.stored_rank in (None, spec.rank) and B.shape[1] == spec.rank and B.is_contiguous() and A.is_contiguous()
                 and B.dtype == A.dtype == torch_dtype(info.dtype) == torch_dtype(self.file.tensors[spec.a_key].dtype)):
-            self.file.read_into(spec.b_key, B)
-            self.file.read_into(spec.a_key, A)
+            self.file.read_into(spec.b_key, B, fd)
+            self.file.read_into(spec.a_key, A, fd)
             return
         b, a = self.factors(module, None)
         B[:, : b.shape[1]] = b

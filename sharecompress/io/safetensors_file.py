@@ -9,6 +9,7 @@ Never unpickles anything: safetensors is a plain header plus raw little-endian b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -208,8 +209,24 @@ class SafetensorsFile:
             raise self._fail(f"cannot read tensor {name!r}: {exc.strerror or exc}") from None
         return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
-    def read_into(self, name: str, out: "torch.Tensor") -> None:
-        """The tensor's bytes straight into ``out`` (contiguous, its dtype and size): no buffer between."""
+    @contextlib.contextmanager
+    def opened(self):
+        """One descriptor for many ``read_into`` calls (None when the file is held in memory)."""
+        if self._data is not None:
+            yield None
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise self._fail(f"cannot open: {exc.strerror or exc}") from None
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def read_into(self, name: str, out: "torch.Tensor", fd: int | None = None) -> None:
+        """The tensor's bytes straight into ``out`` (contiguous, its dtype and size): no buffer between.
+        ``fd``: a descriptor from ``opened``, else the file is opened for this read."""
         info = self.tensors[name]
         if not out.is_contiguous() or out.numel() * out.element_size() != info.nbytes or out.dtype != torch_dtype(info.dtype):
             raise ValueError(f"read_into({name!r}): the target does not match the stored tensor")
@@ -219,8 +236,10 @@ class SafetensorsFile:
         if self._data is not None:
             view[:] = self._data[info.start : info.end]
             return
+        own = fd is None
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            if own:
+                fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
                 done = 0
                 while done < info.nbytes:
@@ -229,7 +248,8 @@ class SafetensorsFile:
                         raise self._fail(f"truncated file while reading tensor {name!r}")
                     done += got
             finally:
-                os.close(fd)
+                if own:
+                    os.close(fd)
         except OSError as exc:
             raise self._fail(f"cannot read tensor {name!r}: {exc.strerror or exc}") from None
 

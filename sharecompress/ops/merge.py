@@ -300,8 +300,9 @@ def load_stacked(holders: list[Adapter], modules: list[str], pool: ThreadPoolExe
     A = make(len(modules), len(holders), r, first.d, dtype=dtype)
 
     def fill(t: int) -> None:
-        for g, module in enumerate(modules):
-            holders[t].read_into(module, B[g, t], A[g, t])
+        with holders[t].file.opened() as fd:
+            for g, module in enumerate(modules):
+                holders[t].read_into(module, B[g, t], A[g, t], fd)
 
     list(pool.map(fill, range(len(holders))) if pool is not None else map(fill, range(len(holders))))
     return B, A, ranks
@@ -342,14 +343,15 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
                 pending = reader.submit(load, batches[i + 1])
             holders = holders_of[batch[0]]
             scales = torch.tensor([[a.modules[m].scale for a in holders] for m in batch], dtype=torch.float64)
-            for g, m in enumerate(batch):
-                for a, cosine in zip(holders, nearest_twin([A[g, t, :r] for t, r in enumerate(ranks)])):
-                    if cosine is not None:
-                        twins[a.name, m] = round(cosine, 4)
+            B, A = B.to(device), A.to(device)  # once: the compute and the diagnostics below use them there
             per = lambda x: [x[m] for m in batch] if isinstance(x, dict) else x  # noqa: E731  (a budget's per-module k and p)
             tick = (lambda g, base=done, batch=batch: progress(base + g + 1, len(order), batch[g])) if progress else None
             bad = lambda batch=batch: name_the_bad_tensor(holders_of[batch[0]], batch)  # noqa: E731
             results = compress_stacked(B, A, scales, ranks, per(rule), method, sweeps, per(p), store, device, tick, bad)
+            for g, m in enumerate(batch):  # after the stacks were found finite
+                for a, cosine in zip(holders, nearest_twin([A[g, t, :r] for t, r in enumerate(ranks)])):
+                    if cosine is not None:
+                        twins[a.name, m] = round(cosine, 4)
             for g, (module, result) in enumerate(zip(batch, results)):
                 factors = [(B[g, t, :, :r], A[g, t, :r]) for t, r in enumerate(ranks)]
                 held = held_out_errors(factors, scales[g].tolist(), result.U.shape[1], result.V.shape[1])
