@@ -75,7 +75,7 @@ def held_out_errors(factors: list[tuple[torch.Tensor, torch.Tensor]], scales: li
         return None
     B = [b.double() for b, _ in factors]
     A = [a.double() for _, a in factors]
-    s = torch.tensor(scales, dtype=torch.float64)
+    s = torch.tensor(scales, dtype=torch.float64, device=B[0].device)  # where the factors are (a GPU merge's stacks)
     sides = []
     for side in (0, 1):
         blocks = [linalg.left_blocks(b[None], a[None], s[t : t + 1])[0] if side == 0 else
