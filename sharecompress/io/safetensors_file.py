@@ -186,28 +186,9 @@ class SafetensorsFile:
         info = self.tensors[name]
         import torch
 
-        dtype = torch_dtype(info.dtype)
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=dtype)
-        if self._data is not None:
-            buf = bytearray(self._data[info.start : info.end])
-            return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
-        buf = bytearray(info.nbytes)
-        view = memoryview(buf)
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                done = 0
-                while done < info.nbytes:
-                    got = os.preadv(fd, [view[done:]], info.start + done)
-                    if got <= 0:
-                        raise self._fail(f"truncated file while reading tensor {name!r}")
-                    done += got
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise self._fail(f"cannot read tensor {name!r}: {exc.strerror or exc}") from None
-        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+        out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        self.read_into(name, out)
+        return out
 
     @contextlib.contextmanager
     def opened(self):
