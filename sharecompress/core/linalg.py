@@ -18,29 +18,15 @@ import torch
 _NOISE_FLOOR = 1e-13
 
 
-def gram_root(A: torch.Tensor) -> torch.Tensor:
-    """R (…, r, r) with RᵀR = A·Aᵀ for A (…, r, d): the R of a thin QR of Aᵀ, up to a rotation.
-
-    From the r × r Gram by Cholesky (a tenth of a thin QR's time for LoRA's r ≪ d); where the
-    Gram is singular (a rank-deficient A, or the zero rows that pad a lower rank) a symmetric
-    root from its eigen-decomposition instead.
-    """
-    G = A @ A.transpose(-1, -2)
-    L, info = torch.linalg.cholesky_ex(G)
-    if not bool((info > 0).any()):
-        return L.transpose(-1, -2)
-    w, W = torch.linalg.eigh(G)
-    root = w.clamp_min(0.0).sqrt()[..., :, None] * W.transpose(-1, -2)
-    return torch.where((info > 0)[..., None, None], root, L.transpose(-1, -2))
-
-
 def left_blocks(B: torch.Tensor, A: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """X (T, n, c) with Σ_t X_t X_tᵀ = Σ_t ΔW_t ΔW_tᵀ, ΔW_t = s_t B_t A_t.
 
-    With A_t A_tᵀ = R_tᵀ R_t (``gram_root``), X_t = s_t B_t R_tᵀ: the left singular subspace no
-    longer depends on how B·A was split (gauge invariance).
+    Thin QR of A_tᵀ = Q_t R_t gives A_t A_tᵀ = R_tᵀ R_t, so X_t = s_t B_t R_tᵀ: the left
+    singular subspace no longer depends on how B·A was split (gauge invariance). A Cholesky of the
+    r × r Gram is ten times faster but squares A's condition number: measured, it let a badly
+    conditioned split (B·D⁻¹, D·A) change the bases, so the QR stays.
     """
-    R = gram_root(A)
+    R = torch.linalg.qr(A.transpose(-1, -2), mode="r")[1]
     return s[..., None, None] * (B @ R.transpose(-1, -2))
 
 

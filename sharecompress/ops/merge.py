@@ -275,9 +275,14 @@ _WIDE = {"F64": torch.float64, "F32": torch.float32}
 
 
 def stack_dtype(holders: list[Adapter], modules: list[str]) -> torch.dtype:
-    """The stacks' dtype: the sources' own when they share one (float16 travels as float16), else wider."""
-    kinds = {a.modules[m].dtype for m in modules for a in holders}
-    if len(kinds) == 1:
+    """The stacks' dtype: the sources' own when they share one (float16 travels as float16), else wider.
+
+    Wider too where a module's factors are a product (a stored rank above min(n, d),
+    ``adapter.reduce_rank``): B·A rounded to half precision would lose what the sources hold.
+    """
+    specs = [a.modules[m] for m in modules for a in holders]
+    kinds = {spec.dtype for spec in specs}
+    if len(kinds) == 1 and kinds <= {"F16", "BF16", *_WIDE} and not any(spec.stored_rank for spec in specs):
         return {"F16": torch.float16, "BF16": torch.bfloat16, **_WIDE}[kinds.pop()]
     return torch.float64 if "F64" in kinds else torch.float32
 
