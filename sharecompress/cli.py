@@ -195,7 +195,7 @@ def combine(
 def add(
     sources: List[str] = typer.Argument(..., help="New adapters, as for merge: PEFT directories, .safetensors files (PEFT, kohya or diffusers keys), Hub ids from the local cache, or directories of them."),
     zoo: Path = ZooOption,
-    grow: Optional[str] = typer.Option(None, "--grow", help="auto: an energy-target (or budgeted) zoo may grow; off: keep every k, and a budgeted zoo within its budget (k and p reallocated). Default: off for a budgeted zoo, else auto."),
+    grow: Optional[str] = typer.Option(None, "--grow", help="auto: an energy-target zoo may grow its k, a budgeted zoo keeps every k and p and may outgrow its budget. off: a fixed-k or energy zoo keeps every k; a budgeted zoo stays within its budget (k and p reallocated). Default: off for a budgeted zoo, else auto."),
     rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank for bare .safetensors files without a config."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha for bare .safetensors files without a config."),
     layout: str = typer.Option("auto", "--format", help="Key layout of the sources: auto (detect per file), peft, kohya, diffusers."),
@@ -214,6 +214,7 @@ def add(
     with user_errors(), module_progress(not quiet, "adding") as progress:
         opened = Zoo.open(zoo)
         sizes = {m: (i["k_u"], i["k_v"], i.get("p")) for m, i in opened.modules.items()}
+        guarantee, residual_bytes = opened.manifest.get("max_error"), opened.report()["bytes_residual"]
         drift = opened.add(sources, grow=grow, rank=rank, alpha=alpha, progress=progress, layout=layout, max_error=max_error, anchors=anchors)
     if not quiet:
         worst = max(drift.items(), key=lambda kv: kv[1], default=None)
@@ -223,6 +224,21 @@ def add(
             highlight=False,
         )
         budget_line(opened, sizes)
+        guarantee_line(opened, guarantee, residual_bytes)
+
+
+def guarantee_line(opened, before: float | None, residual_bytes: int) -> None:
+    """What an add did to a zoo's error guarantee (--max-error): changed, and what its residuals now take."""
+    now = opened.manifest.get("max_error")
+    if now is None:
+        return
+    from .report.report import human_bytes
+
+    grown = opened.report()["bytes_residual"]
+    line = f"error guarantee {now:g} per adapter" + (f" (was {before:g})" if before is not None and before != now else
+                                                     " (new)" if before is None else "")
+    line += f"; private residuals {human_bytes(residual_bytes)} → {human_bytes(grown)}"
+    err.print(line, highlight=False)
 
 
 def budget_line(opened, sizes: dict) -> None:
@@ -371,7 +387,7 @@ def list_(zoo: Path = ZooOption, as_json: bool = typer.Option(False, "--json", h
         table.add_row(*(shown(x) for x in (r["name"], r["rank"], r["p"], error, r["added"], r["source"])))
     out.print(table)
     if not all(e.get("exact", True) for e in adapters):
-        err.print("≤: an upper bound (the adapter moved in later adds); report --against the originals gives exact errors")
+        err.print("≤: an upper bound (the adapter moved in later adds or removes); report --against the originals gives exact errors")
 
 
 @app.command()

@@ -18,7 +18,7 @@ from ..core import linalg
 from ..io.adapter import Adapter
 from ..core.compress import KRule, module_bases, pad_stack, project_all
 from ..core.bounds import orthonormal, parts_of
-from ..core.residual import first_target, fit_residuals
+from ..core.residual import factored_norm2, first_target, fit_residuals
 from ..errors import InputError, ZooError
 from ..store.reader import ZooReader
 from ..store.writer import unique_stem, write_adapter_files
@@ -271,7 +271,8 @@ def add_adapters(
         for t in [t for t in step_drift if t not in fresh]:
             tight.tighten(entries[t], bases, cores[t], residuals[t])
             if limit is not None:
-                moved2 = absorb_drift(t, entries[t], before[t], prior[t], bases, cores[t], residuals, limit, store, zoo_path)
+                moved2 = absorb_drift(t, entries[t], before[t], prior[t], bases, cores[t], residuals, limit, store, zoo_path,
+                                      tight.totals(entries[t]))
                 if moved2 is not None:
                     step_drift[t] = moved2
                     tight.tighten(entries[t], bases, cores[t], residuals[t])
@@ -339,7 +340,7 @@ def measure_new(adapter: Adapter, entry: dict, bases: dict, cores: dict, limit: 
 
 
 def absorb_drift(name: str, entry: dict, before: tuple, prior: dict, bases: dict, cores: dict, residuals: dict,
-                 limit: float, store: torch.dtype, zoo_path: Path) -> float | None:
+                 limit: float, store: torch.dtype, zoo_path: Path, anchored: dict | None = None) -> float | None:
     """Hold an old adapter's bound ≤ ``limit`` after an add (or a remove) moved it; returns its new
     move² (None: untouched).
 
@@ -350,6 +351,10 @@ def absorb_drift(name: str, entry: dict, before: tuple, prior: dict, bases: dict
     residual can cost more than the room an adapter has left under the limit: then the old
     residual stays as it was and new directions are fit to the shared part's move alone.
     ``before`` = (bases, cores, residuals) before the operation.
+
+    Where the adapter has an anchor (``anchored``: its stored update at its exact point), the
+    residual is fit back towards that point instead, with the exact error there as the floor: the
+    floor then never grows from add to add, and a small move costs few directions.
     """
     finish_adapter_entry(entry)
     if entry["relative_error"] <= first_target(limit, store):  # in half precision, taken back before it reaches X
@@ -357,6 +362,10 @@ def absorb_drift(name: str, entry: dict, before: tuple, prior: dict, bases: dict
     mods = entry["modules"]
     old_bases, old_cores, old_residuals = before
     target2 = limit**2 * entry["norm2"]
+    if anchored is not None:
+        moved2 = _absorb_from_anchor(name, entry, before, prior, bases, cores, residuals, limit, store, anchored)
+        if moved2 is not None:
+            return moved2
 
     def parts(own: dict) -> dict:
         out = {}
@@ -400,6 +409,40 @@ def absorb_drift(name: str, entry: dict, before: tuple, prior: dict, bases: dict
         mod["drift"] = drift + tail2**0.5
         mod["bound2"] = (bound2**0.5 + tail2**0.5) ** 2
         total += tail2
+    return total
+
+
+def _absorb_from_anchor(name: str, entry: dict, before: tuple, prior: dict, bases: dict, cores: dict, residuals: dict,
+                        limit: float, store: torch.dtype, anchored: dict) -> float | None:
+    """``absorb_drift`` towards the anchor: M = Ŵ₀ − (the new shared part), floor the exact error at the
+    anchor. Returns the adapter's move² over the operation, or None when that cannot reach the limit."""
+    mods = entry["modules"]
+    parts = {}
+    for module, (L0, R0) in anchored.items():
+        U, V = (t.to(f64) for t in bases[module])
+        E, F = (t.to(f64) for t in cores[module])
+        parts[module] = (torch.cat([L0, -(U @ E)], 1), torch.cat([R0, F @ V.T], 0), mods[module]["err2"] ** 0.5)
+    fitted = fit_residuals(parts, limit**2 * entry["norm2"], store)  # the floor sits under X by the first fit's room
+    if fitted is None or any(RU.shape[1] > min(bases[m][0].shape[0], bases[m][1].shape[0]) for m, (RU, _, _) in fitted.items()):
+        return None
+    was = stored_factors(*before)
+    residuals[name] = {}
+    total = 0.0
+    for module, (RU, RV, tail2) in fitted.items():
+        check_finite(name, module, (RU, RV), (tail2,))
+        mod = mods[module]
+        if RU.shape[1]:
+            residuals[name][module] = (RU, RV)
+            mod["residual"] = RU.shape[1]
+        else:
+            mod.pop("residual", None)
+        U, V = (t.to(f64) for t in bases[module])
+        E, F = (t.to(f64) for t in cores[module])
+        L0, R0 = was[module]  # the exact move over this operation, for the chain of drifts
+        move2 = factored_norm2(torch.cat([L0, -(U @ E), -RU.to(f64)], 1), torch.cat([R0, F @ V.T, RV.to(f64).T], 0))
+        mod["drift"] = prior[module][1] + move2**0.5
+        mod["bound2"] = (mod["err2"] ** 0.5 + tail2**0.5) ** 2  # from the anchor, by the triangle inequality
+        total += move2
     return total
 
 

@@ -142,6 +142,19 @@ class Anchors:
             out[m] = (U, V, E, F, RU, RV)
         return out
 
+    def totals(self, entry: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """{module: (L₀, R₀)}: the adapter's stored update at its anchor, Ŵ₀ = L₀·R₀ (its residual then
+        included); None without an anchor, or when a module has none (one an add brought in later)."""
+        if not entry.get("anchor"):
+            return None
+        state = self.state(entry)
+        if set(state) != set(entry["modules"]):
+            return None
+        out = {}
+        for m, (U0, V0, E0, F0, RU0, RV0) in state.items():
+            out[m] = stored_factors({m: (U0, V0)}, {m: (E0, F0)}, {m: (RU0, RV0)} if RU0 is not None else {})[m]
+        return out
+
     def tighten(self, entry: dict, bases: dict, cores: dict, residuals: dict) -> None:
         """Where the adapter has an anchor, each moved module's ``bound2`` = the anchored bound when lower."""
         if not entry.get("anchor"):

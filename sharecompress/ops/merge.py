@@ -142,7 +142,7 @@ def merge(
     if max_error is not None and not (math.isfinite(max_error) and max_error > 0):
         raise ValueError("--max-error must be a positive number")
     if max_error is not None and shard is not None:
-        raise ValueError("--max-error is a figure per adapter over all its modules: it cannot be sharded")
+        raise ValueError("--max-error is a figure per adapter over all its modules: it cannot be sharded (merge without --shard)")
     if k is not None and energy is not None:
         raise ValueError("give either k or energy, not both")
     if k is not None and k < 1:

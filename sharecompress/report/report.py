@@ -143,7 +143,8 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
     console.print(table)
     exact = all(a["exact"] for a in report["adapters"])
     if not exact:
-        console.print("≤: an upper bound (the adapter moved in later adds: its error at merge plus every drift since); "
+        console.print("≤: an upper bound (the adapter moved in later adds or removes: its error where last measured, and how "
+                      "far it moved since); "
                       "report --against the original adapters gives exact errors")
     ks = Counter(m["k"] for m in report["modules"].values())
     k_text = ", ".join(f"k={k} ×{n}" for k, n in sorted(ks.items()))
@@ -165,13 +166,14 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
         held = sum(1 for a in report["adapters"] if a["bytes_residual"])
         console.print(f"error guarantee {report['max_error']:g} per adapter (--max-error): "
                       + (f"[bold red]{len(above)} above it[/]" if above else "every adapter within it")
-                      + f"; {held} adapter{'' if held == 1 else 's'} hold a private residual")
+                      + f"; {held} adapter{' holds' if held == 1 else 's hold'} a private residual")
     if report.get("budget"):
         used = report["bytes_basis"] + report["bytes_coefficients"]  # what a budget counts: bases and cores
         console.print(f"size budget {human_bytes(report['budget'])} (merge --budget or --ratio; bases and cores): "
                       + (f"[bold red]over it by {human_bytes(used - report['budget'])}[/] "
                          "(an add with --grow auto let it grow; add --grow off reallocates k and p within it)"
-                         if used > report["budget"] else "within it"))
+                         if used > report["budget"] else "within it")
+                      + (f"; private residuals ({human_bytes(report['bytes_residual'])}) come on top" if residuals else ""))
     held = [(a["held_out_error"], a["merge_error"]) for a in report["adapters"] if a.get("held_out_error") is not None]
     if held:
         outside = sorted(h for h, _ in held)[len(held) // 2]
@@ -191,7 +193,7 @@ def render(report: dict, console: Console, max_error: float | None = None) -> No
     if report.get("bytes_anchors"):
         with_anchors = report["bytes_compressed"] + report["bytes_anchors"]
         console.print(f"anchors: {human_bytes(report['bytes_anchors'])} of earlier generations kept so that the bounds of "
-                      f"adapters moved by adds stay tight (add --anchors N); with them the zoo takes {human_bytes(with_anchors)}, "
+                      f"adapters moved by adds and removes stay tight (add --anchors N); with them the zoo takes {human_bytes(with_anchors)}, "
                       f"{report['bytes_original'] / with_anchors:.2f}× all-in")
     if report["bytes_extras"]:
         console.print(f"non-LoRA tensors kept verbatim: {human_bytes(report['bytes_extras'])} (in neither figure)")
