@@ -400,16 +400,21 @@ def absorb_drift(name: str, entry: dict, before: tuple, prior: dict, bases: dict
         if module in kept:  # the old residual as it was, the move's directions after it
             RU, RV = torch.cat([kept[module][0], RU], 1), torch.cat([kept[module][1], RV], 1)
         mod = mods[module]
-        if RU.shape[1]:
-            residuals[name][module] = (RU, RV)
-            mod["residual"] = RU.shape[1]
-        else:
-            mod.pop("residual", None)
+        _hold(mod, residuals[name], module, RU, RV)
         bound2, drift = prior[module]
         mod["drift"] = drift + tail2**0.5
         mod["bound2"] = (bound2**0.5 + tail2**0.5) ** 2
         total += tail2
     return total
+
+
+def _hold(mod: dict, own: dict, module: str, RU: torch.Tensor, RV: torch.Tensor) -> None:
+    """A module's new private residual, in the adapter's residuals and its manifest entry (none when empty)."""
+    if RU.shape[1]:
+        own[module] = (RU, RV)
+        mod["residual"] = RU.shape[1]
+    else:
+        mod.pop("residual", None)
 
 
 def _absorb_from_anchor(name: str, entry: dict, before: tuple, prior: dict, bases: dict, cores: dict, residuals: dict,
@@ -431,11 +436,7 @@ def _absorb_from_anchor(name: str, entry: dict, before: tuple, prior: dict, base
     for module, (RU, RV, tail2) in fitted.items():
         check_finite(name, module, (RU, RV), (tail2,))
         mod = mods[module]
-        if RU.shape[1]:
-            residuals[name][module] = (RU, RV)
-            mod["residual"] = RU.shape[1]
-        else:
-            mod.pop("residual", None)
+        _hold(mod, residuals[name], module, RU, RV)
         U, V = (t.to(f64) for t in bases[module])
         E, F = (t.to(f64) for t in cores[module])
         L0, R0 = was[module]  # the exact move over this operation, for the chain of drifts
