@@ -5,9 +5,9 @@ at the add that brought it in. Later adds move it by exactly known drifts; summi
 loose chain. ``core.bounds`` gives a far tighter bound from that exact point's bases and the
 adapter's stored update there, so those two files are kept (an earlier generation's basis file,
 and the adapter's cores file of then) and named in the manifest under ``anchors`` and each
-entry's ``anchor``, with their checksums. Each basis generation kept costs a basis file, so at
-most ``KEEP`` earlier ones stay; when one goes, the adapters anchored there fall back to the
-chain from the bound they had then (``bound2``), which stays rigorous.
+entry's ``anchor``, with their checksums. Each generation kept costs its basis file and its
+adapters' cores files, so few stay (``prune``); when one goes, the adapters anchored there fall
+back to the chain from the bound they had then (``bound2``), which stays rigorous.
 """
 
 from __future__ import annotations
