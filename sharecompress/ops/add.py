@@ -321,7 +321,7 @@ def measure_new(adapter: Adapter, entry: dict, bases: dict, cores: dict, limit: 
         mod.pop("bound2", None)
     norm2 = sum(m["norm2"] for m in mods.values())
     out: dict = {}
-    aim = first_target(limit, store) if limit is not None else None  # a little under X in half precision
+    aim = first_target(limit, store) if limit is not None else None  # a little under X: room for later moves
     if aim is not None and relative(sum(m["err2"] for m in mods.values()), norm2) > aim:
         fitted = fit_residuals(parts, aim**2 * norm2, store)
         if fitted is None:
@@ -357,7 +357,7 @@ def absorb_drift(name: str, entry: dict, before: tuple, prior: dict, bases: dict
     floor then never grows from add to add, and a small move costs few directions.
     """
     finish_adapter_entry(entry)
-    if entry["relative_error"] <= first_target(limit, store):  # in half precision, taken back before it reaches X
+    if entry["relative_error"] <= first_target(limit, store):  # taken back once it passes the first fit's mark
         return None
     mods = entry["modules"]
     old_bases, old_cores, old_residuals = before

@@ -405,7 +405,7 @@ def add_residuals(adapters: list[Adapter], basis: dict, cores: dict, entries: di
     A second pass over those adapters alone: their factors are read again, one adapter at a time,
     so memory holds one adapter's residual problem, never the zoo's.
     """
-    aim = first_target(max_error, store)  # a little under X in half precision: room for later adds
+    aim = first_target(max_error, store)  # a little under X: room for later adds to move it
     over = [a for a in adapters if relative(sum(m["err2"] for m in entries[a.name]["modules"].values()),
                                             sum(m["norm2"] for m in entries[a.name]["modules"].values())) > aim]
     for i, adapter in enumerate(over):
