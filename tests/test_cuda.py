@@ -173,6 +173,32 @@ def test_a_runtime_on_cuda_matches_the_cpu(tiny):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), rows
 
 
+def test_residuals_and_anchors_on_cuda_match_the_cpu(tmp_path):
+    """A zoo with private residuals (--max-error) and anchored bounds, merged and added to on CUDA:
+    the same figures as on the CPU, and its runtime serves the residuals on the device."""
+    _, sources = tiny_zoo(tmp_path / "src", count=4, k=1)
+    zoos = {}
+    for label, where in (("cpu", "cpu"), ("device", DEVICE)):
+        zoo = sharecompress.merge(sources[:3], tmp_path / f"zoo-{label}", k=1, max_error=0.05, device=where)
+        zoo.add([sources[3]])
+        zoos[label] = zoo
+    assert any(zoos["device"].residuals(n) for n in zoos["device"].names)
+    assert_same_zoo(zoos["device"], zoos["cpu"], rtol=1e-3)
+    got = {a["name"]: a["relative_error"] for a in zoos["device"].report()["adapters"]}
+    want = {a["name"]: a["relative_error"] for a in zoos["cpu"].report()["adapters"]}
+    assert got == pytest.approx(want, rel=1e-3, abs=1e-6)
+    inputs = TinyNet.inputs()
+    cpu_model, gpu_model = TinyNet(), TinyNet().to(DEVICE)
+    cpu_rt, gpu_rt = zoos["cpu"].attach(cpu_model), zoos["cpu"].attach(gpu_model)
+    for rows in (["t0", "t1", None, "t2"], "t1"):
+        cpu_rt.use(rows)
+        gpu_rt.use(rows)
+        with torch.no_grad():
+            want_out = cpu_model(*inputs)
+            got_out = gpu_model(*(t.to(DEVICE) for t in inputs)).cpu()
+        assert torch.allclose(got_out, want_out, rtol=1e-4, atol=1e-5), rows
+
+
 def test_a_half_precision_runtime_on_cuda_is_close_to_the_cpu(tiny):
     path, _ = tiny
     zoo = Zoo.open(path)
