@@ -161,10 +161,15 @@ def test_a_runtime_on_cuda_matches_the_cpu(tiny):
     path, _ = tiny
     zoo = Zoo.open(path)
     inputs = TinyNet.inputs()
+    assert_runtimes_agree(zoo, inputs, (["t0", "t1", None, "t0"], "t1", None))
+
+
+def assert_runtimes_agree(zoo: Zoo, inputs, routings) -> None:
+    """The zoo attached to a TinyNet on the CPU and on the device: equal outputs for each routing."""
     cpu_model, gpu_model = TinyNet(), TinyNet().to(DEVICE)
     cpu_rt, gpu_rt = zoo.attach(cpu_model), zoo.attach(gpu_model)
     assert all(on_device(b.U) for b in gpu_rt.banks)
-    for rows in (["t0", "t1", None, "t0"], "t1", None):
+    for rows in routings:
         cpu_rt.use(rows)
         gpu_rt.use(rows)
         with torch.no_grad():
@@ -187,16 +192,7 @@ def test_residuals_and_anchors_on_cuda_match_the_cpu(tmp_path):
     got = {a["name"]: a["relative_error"] for a in zoos["device"].report()["adapters"]}
     want = {a["name"]: a["relative_error"] for a in zoos["cpu"].report()["adapters"]}
     assert got == pytest.approx(want, rel=1e-3, abs=1e-6)
-    inputs = TinyNet.inputs()
-    cpu_model, gpu_model = TinyNet(), TinyNet().to(DEVICE)
-    cpu_rt, gpu_rt = zoos["cpu"].attach(cpu_model), zoos["cpu"].attach(gpu_model)
-    for rows in (["t0", "t1", None, "t2"], "t1"):
-        cpu_rt.use(rows)
-        gpu_rt.use(rows)
-        with torch.no_grad():
-            want_out = cpu_model(*inputs)
-            got_out = gpu_model(*(t.to(DEVICE) for t in inputs)).cpu()
-        assert torch.allclose(got_out, want_out, rtol=1e-4, atol=1e-5), rows
+    assert_runtimes_agree(zoos["cpu"], TinyNet.inputs(), (["t0", "t1", None, "t2"], "t1"))
 
 
 def test_a_half_precision_runtime_on_cuda_is_close_to_the_cpu(tiny):

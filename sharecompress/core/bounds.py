@@ -37,12 +37,17 @@ def split(total2: float, left_in2: float, right_in2: float, in2: float) -> list[
     return [max(in2, 0.0), max(left_in2 - in2, 0.0), max(right_in2 - in2, 0.0), max(total2 - left_in2 - right_in2 + in2, 0.0)]
 
 
-def parts_of(QU: torch.Tensor, QV: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> list[float]:
-    """The four parts' norms of a factored matrix L·R (n × c, c × d) for orthonormal Q_U, Q_V."""
+def _measured(QU: torch.Tensor, QV: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> tuple[float, list[float]]:
+    """(‖L·R‖², the four parts' squared norms) of a factored matrix for orthonormal Q_U, Q_V."""
     L, R = L.to(f64), R.to(f64)
     left, right = QU.T @ L, R @ QV
-    squared = split(factored_norm2(L, R), factored_norm2(left, R), factored_norm2(L, right), float((left @ right).pow(2).sum()))
-    return [x**0.5 for x in squared]
+    total2 = factored_norm2(L, R)
+    return total2, split(total2, factored_norm2(left, R), factored_norm2(L, right), float((left @ right).pow(2).sum()))
+
+
+def parts_of(QU: torch.Tensor, QV: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> list[float]:
+    """The four parts' norms of a factored matrix L·R (n × c, c × d) for orthonormal Q_U, Q_V."""
+    return [x**0.5 for x in _measured(QU, QV, L, R)[1]]
 
 
 def bound2(err2: float, parts: list[float], move2: float, moved: list[float]) -> float:
@@ -54,11 +59,7 @@ def anchored_bound2(err2: float, parts: list[float], QU: torch.Tensor, QV: torch
                     L0: torch.Tensor, R0: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> float:
     """The bound on ‖ΔW − Ŵ‖² for Ŵ₀ = L0·R0 at the exact point and Ŵ = L·R now (any factors: e.g. a
     private residual that changed since); ``Frame.bound2`` is the fast case."""
-    LD = torch.cat([L0.to(f64), -L.to(f64)], 1)
-    RD = torch.cat([R0.to(f64), R.to(f64)], 0)
-    left, right = QU.T @ LD, RD @ QV
-    move2 = factored_norm2(LD, RD)
-    moved = split(move2, factored_norm2(left, RD), factored_norm2(LD, right), float((left @ right).pow(2).sum()))
+    move2, moved = _measured(QU, QV, torch.cat([L0.to(f64), -L.to(f64)], 1), torch.cat([R0.to(f64), R.to(f64)], 0))
     return bound2(err2, parts, move2, moved)
 
 

@@ -245,19 +245,13 @@ def spectrum(factors: list[tuple[torch.Tensor, torch.Tensor]], scales: list[floa
 
 
 def compress_batch(
-    batch: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], list[float]]],
-    rule: KRule | list[KRule],
-    method: str = "share",
-    sweeps: int = 3,
-    p: int | None | list[int | None] = None,
-    store: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    finished: Callable[[int], None] | None = None,
+    batch: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], list[float]]], rule: KRule | list[KRule], **options: Any,
 ) -> list[ModuleResult]:
     """``compress_module`` for G modules of one shape held by the same adapters with the same ranks.
 
-    Stacks each module's factors (``pad_stack``) and hands them to ``compress_stacked``; a merge
-    reads its sources straight into such stacks instead (``ops.merge``).
+    Stacks each module's factors (``pad_stack``) and hands them to ``compress_stacked`` (``options``
+    as there: method, sweeps, p, store, device, finished); a merge reads its sources straight into
+    such stacks instead (``ops.merge``).
     """
     stacks = [pad_stack(factors) for factors, _ in batch]
     ranks = [[b.shape[1] for b, _ in factors] for factors, _ in batch]
@@ -267,7 +261,7 @@ def compress_batch(
     A = torch.stack([A for _, A in stacks])
     del stacks
     s = torch.tensor([scales for _, scales in batch], dtype=torch.float64)
-    return compress_stacked(B, A, s, ranks[0], rule, method, sweeps, p, store, device, finished)
+    return compress_stacked(B, A, s, ranks[0], rule, **options)
 
 
 def compress_stacked(

@@ -24,7 +24,7 @@ f64 = torch.float64
 HEADROOM = 0.05
 
 
-def first_target(limit: float, store: torch.dtype) -> float:
+def first_target(limit: float) -> float:
     """The error a first fit (at merge, or for an adapter an add brings in) aims for under ``limit``."""
     return limit * (1.0 - HEADROOM)
 

@@ -17,16 +17,15 @@ import torch
 from ..core import linalg
 from ..io.adapter import Adapter
 from ..core.compress import KRule, module_bases, pad_stack, project_all
-from ..core.bounds import orthonormal, parts_of
-from ..core.residual import factored_norm2, first_target, fit_residuals
 from ..errors import InputError, ZooError
 from ..store.reader import ZooReader
 from ..store.writer import unique_stem, write_adapter_files
 from .hold_budget import hold_budget
-from .anchors import Anchors, anchor_here, move, prune, stored_factors
+from .anchors import Anchors, anchor_here, move, prune
 from .entries import (adapter_entry, check_finite, finish_adapter_entry, model_key, module_bound2, now, refresh_module_stats,
-                      relative, source_keys)
-from .merge import STORE_DTYPES, store_name as manifest_dtype
+                      source_keys)
+from .guarantee import absorb_drift, first_residual, module_move2
+from .merge import STORE_DTYPES
 from ..io.formats import zoo_module_layouts
 from ..io.readers import find_adapters
 from ..store.storage import pause_point, save_tensors
@@ -292,159 +291,19 @@ def add_adapters(
     return {t: (v / norms[t]) ** 0.5 if norms[t] > 0 else 0.0 for t, v in step_drift.items() if t not in fresh}
 
 
-def module_move2(module: str, old_basis: tuple, basis: tuple, old: tuple, new: tuple, grams: dict) -> float:
-    """‖U₀·E₀·F₀·V₀ᵀ − U·E·F·Vᵀ‖² from k-sized Grams (``grams`` caches each module's; a private residual
-    the add kept cancels)."""
-    if module not in grams:
-        (U0, V0), (U, V) = [(a.to(f64), b.to(f64)) for a, b in (old_basis, basis)]
-        grams[module] = ((U0.T @ U0, U0.T @ U, U.T @ U), (V0.T @ V0, V0.T @ V, V.T @ V))
-    GU, GV = grams[module]
-    E0, F0, E, F = (t.to(f64) for t in (*old, *new))
-    return float(linalg.difference_norm2(E0.T @ GU[0] @ E0, E0.T @ GU[1] @ E, E.T @ GU[2] @ E,
-                                         F0 @ GV[0] @ F0.T, F0 @ GV[1] @ F.T, F @ GV[2] @ F.T))
-
-
 def measure_new(adapter: Adapter, entry: dict, bases: dict, cores: dict, limit: float | None, store: torch.dtype) -> dict:
     """A new adapter where the add leaves it: its exact error per module (a later adapter of the same
-    add may have moved it), a private residual where that is above ``limit``, and each module's
-    ``err_parts`` (its anchor is this generation, ``ops.anchors``). Returns its residuals."""
+    add may have moved it), and its first residual where ``limit`` asks for one (``guarantee``).
+    Returns its residuals."""
     mods = entry["modules"]
-    parts = {}
     for module, (E, F) in cores.items():
         b, a = adapter.factors(module)
-        scale = adapter.modules[module].scale
         U, V = bases[module]
-        parts[module] = (torch.cat([scale * b, -(U.to(f64) @ E.to(f64))], 1), torch.cat([a, F.to(f64) @ V.to(f64).T], 0), 0.0)
         mod = mods[module]
-        mod["err2"], _ = linalg.squared_error(b, a, scale, U, E, F, V)
+        mod["err2"], _ = linalg.squared_error(b, a, adapter.modules[module].scale, U, E, F, V)
         mod["drift"], mod["p"] = 0.0, E.shape[1]
         mod.pop("bound2", None)
-    norm2 = sum(m["norm2"] for m in mods.values())
-    out: dict = {}
-    aim = first_target(limit, store) if limit is not None else None  # a little under X: room for later moves
-    if aim is not None and relative(sum(m["err2"] for m in mods.values()), norm2) > aim:
-        fitted = fit_residuals(parts, aim**2 * norm2, store)
-        if fitted is None:
-            raise InputError(adapter.source, f"--max-error {limit:g} is below what {manifest_dtype(store)} storage can hold for this adapter")
-        for module, (RU, RV, tail2) in fitted.items():
-            if RU.shape[1]:
-                check_finite(adapter.source, module, (RU, RV), (tail2,))
-                out[module] = (RU, RV)
-                mods[module]["residual"], mods[module]["err2"] = RU.shape[1], tail2
-    for module, (L, R, _) in parts.items():
-        if module in out:
-            L, R = torch.cat([L, -out[module][0].to(f64)], 1), torch.cat([R, out[module][1].to(f64).T], 0)
-        U, V = bases[module]
-        mods[module]["err_parts"] = parts_of(orthonormal(U), orthonormal(V), L, R)
-    return out
-
-
-def absorb_drift(name: str, entry: dict, before: tuple, prior: dict, bases: dict, cores: dict, residuals: dict,
-                 limit: float, store: torch.dtype, zoo_path: Path, anchored: dict | None = None) -> float | None:
-    """Hold an old adapter's bound ≤ ``limit`` after an add (or a remove) moved it; returns its new
-    move² (None: untouched).
-
-    Without the original, its error is known only as a bound: its bound before (floor, per module)
-    plus how far it moved. Where that goes above the limit, its private residual is refit on
-    M = (its reconstruction before) − (the new shared part), the least that brings the bound back
-    to ≤ limit; the move is then ‖M − RU·RVᵀ‖. In float16 or bfloat16, rounding a whole new
-    residual can cost more than the room an adapter has left under the limit: then the old
-    residual stays as it was and new directions are fit to the shared part's move alone.
-    ``before`` = (bases, cores, residuals) before the operation.
-
-    Where the adapter has an anchor (``anchored``: its stored update at its exact point), the
-    residual is fit back towards that point instead, with the exact error there as the floor: the
-    floor then never grows from add to add, and a small move costs few directions.
-    """
-    finish_adapter_entry(entry)
-    if entry["relative_error"] <= first_target(limit, store):  # taken back once it passes the first fit's mark
-        return None
-    mods = entry["modules"]
-    old_bases, old_cores, old_residuals = before
-    target2 = limit**2 * entry["norm2"]
-    if anchored is not None:
-        moved2 = _absorb_from_anchor(name, entry, before, prior, bases, cores, residuals, limit, store, anchored)
-        if moved2 is not None:
-            return moved2
-
-    def parts(own: dict) -> dict:
-        out = {}
-        for module, (L0, R0) in stored_factors(old_bases, old_cores, own).items():
-            U, V = (t.to(f64) for t in bases[module])
-            E, F = (t.to(f64) for t in cores[module])
-            out[module] = (torch.cat([L0, -(U @ E)], 1), torch.cat([R0, F @ V.T], 0), prior[module][0] ** 0.5)
-        return out
-
-    # aim a little under X where that can be had (room for the next move's rounding), else at X
-    aims = [first_target(limit, store) ** 2 * entry["norm2"], target2]
-    fitted, kept = next((f for f in (fit_residuals(parts(old_residuals), t, store) for t in aims) if f is not None), None), {}
-    if fitted is None and old_residuals:
-        kept = old_residuals
-        fitted = next((f for f in (fit_residuals(parts({}), t, store) for t in aims) if f is not None), None)
-        if fitted is not None and any(kept[m][0].shape[1] + fitted[m][0].shape[1] > min(bases[m][0].shape[0], bases[m][1].shape[0])
-                                      for m in kept if m in fitted):
-            fitted = None
-    if fitted is None:
-        floors2 = sum(prior[m][0] for m in old_cores)
-        if floors2 > target2:
-            raise ZooError(zoo_path, f"adapter {name!r}: its error bound before this change, ≤ {relative(floors2, entry['norm2']):.4g}, "
-                                     f"is already above --max-error {limit:g}; without its original nothing can bring it down "
-                                     "(merge it again with --max-error, or use a larger one)")
-        raise ZooError(zoo_path, f"adapter {name!r}: --max-error {limit:g} cannot be held in {manifest_dtype(store)} storage "
-                                 "after this change (rounding its residual costs more than the room it has left under the "
-                                 "limit); merge with --dtype float32, or use a larger --max-error")
-    residuals[name] = {}
-    total = 0.0
-    for module, (RU, RV, tail2) in fitted.items():
-        check_finite(name, module, (RU, RV), (tail2,))
-        if module in kept:  # the old residual as it was, the move's directions after it
-            RU, RV = torch.cat([kept[module][0], RU], 1), torch.cat([kept[module][1], RV], 1)
-        mod = mods[module]
-        _hold(mod, residuals[name], module, RU, RV)
-        bound2, drift = prior[module]
-        mod["drift"] = drift + tail2**0.5
-        mod["bound2"] = (bound2**0.5 + tail2**0.5) ** 2
-        total += tail2
-    return total
-
-
-def _hold(mod: dict, own: dict, module: str, RU: torch.Tensor, RV: torch.Tensor) -> None:
-    """A module's new private residual, in the adapter's residuals and its manifest entry (none when empty)."""
-    if RU.shape[1]:
-        own[module] = (RU, RV)
-        mod["residual"] = RU.shape[1]
-    else:
-        mod.pop("residual", None)
-
-
-def _absorb_from_anchor(name: str, entry: dict, before: tuple, prior: dict, bases: dict, cores: dict, residuals: dict,
-                        limit: float, store: torch.dtype, anchored: dict) -> float | None:
-    """``absorb_drift`` towards the anchor: M = Ŵ₀ − (the new shared part), floor the exact error at the
-    anchor. Returns the adapter's move² over the operation, or None when that cannot reach the limit."""
-    mods = entry["modules"]
-    parts = {}
-    for module, (L0, R0) in anchored.items():
-        U, V = (t.to(f64) for t in bases[module])
-        E, F = (t.to(f64) for t in cores[module])
-        parts[module] = (torch.cat([L0, -(U @ E)], 1), torch.cat([R0, F @ V.T], 0), mods[module]["err2"] ** 0.5)
-    fitted = fit_residuals(parts, limit**2 * entry["norm2"], store)  # the floor sits under X by the first fit's room
-    if fitted is None or any(RU.shape[1] > min(bases[m][0].shape[0], bases[m][1].shape[0]) for m, (RU, _, _) in fitted.items()):
-        return None
-    was = stored_factors(*before)
-    residuals[name] = {}
-    total = 0.0
-    for module, (RU, RV, tail2) in fitted.items():
-        check_finite(name, module, (RU, RV), (tail2,))
-        mod = mods[module]
-        _hold(mod, residuals[name], module, RU, RV)
-        U, V = (t.to(f64) for t in bases[module])
-        E, F = (t.to(f64) for t in cores[module])
-        L0, R0 = was[module]  # the exact move over this operation, for the chain of drifts
-        move2 = factored_norm2(torch.cat([L0, -(U @ E), -RU.to(f64)], 1), torch.cat([R0, F @ V.T, RV.to(f64).T], 0))
-        mod["drift"] = prior[module][1] + move2**0.5
-        mod["bound2"] = (mod["err2"] ** 0.5 + tail2**0.5) ** 2  # from the anchor, by the triangle inequality
-        total += move2
-    return total
+    return first_residual(adapter, mods, bases, cores, limit, store)
 
 
 def _rule_for(manifest: dict, k_old: tuple[int, int], grow: str, keep: tuple[int, int] | None = None) -> KRule:

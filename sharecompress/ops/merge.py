@@ -20,10 +20,9 @@ from ..io.readers import find_adapters
 from ..store.manifest import DEFAULT_ZOO, MANIFEST, manifest_bytes, replaceable_zoo
 from ..store.storage import staged_directory
 from ..store.writer import write_zoo_files
-from ..core.bounds import orthonormal, parts_of
-from ..core.residual import first_target, fit_residuals
 from .anchors import anchor_here
-from .entries import adapter_entry, check_finite, finish_adapter_entry, model_key, now, refresh_module_stats, relative, source_keys
+from .guarantee import above_mark, first_residual
+from .entries import adapter_entry, check_finite, finish_adapter_entry, model_key, now, refresh_module_stats, source_keys
 
 DEFAULT_ENERGY = 0.99
 DEFAULT_SWEEPS = 3
@@ -400,42 +399,20 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
 
 def add_residuals(adapters: list[Adapter], basis: dict, cores: dict, entries: dict, max_error: float,
                   store: torch.dtype, progress=None) -> None:
-    """A private residual for each adapter above ``max_error`` after the shared fit (``core.residual``).
+    """A first residual for each adapter above ``max_error``'s mark after the shared fit (``guarantee``).
 
     A second pass over those adapters alone: their factors are read again, one adapter at a time,
     so memory holds one adapter's residual problem, never the zoo's.
     """
-    aim = first_target(max_error, store)  # a little under X: room for later adds to move it
-    over = [a for a in adapters if relative(sum(m["err2"] for m in entries[a.name]["modules"].values()),
-                                            sum(m["norm2"] for m in entries[a.name]["modules"].values())) > aim]
+    over = [a for a in adapters if above_mark(entries[a.name]["modules"], max_error)]
     for i, adapter in enumerate(over):
-        mods = entries[adapter.name]["modules"]
-        parts = {}
-        for module in mods:
-            b, a = adapter.factors(module, torch.float64)
-            U, V = (t.to(torch.float64) for t in (basis[f"{module}.U"], basis[f"{module}.V"]))
-            E, F = (cores[adapter.name][f"{module}.{x}"].to(torch.float64) for x in "EF")
-            parts[module] = (torch.cat([adapter.modules[module].scale * b, -(U @ E)], 1), torch.cat([a, F @ V.T], 0), 0.0)
-        target2 = aim**2 * sum(m["norm2"] for m in mods.values())
-        fitted = fit_residuals(parts, target2, store)
-        if fitted is None:
-            raise InputError(adapter.source, f"--max-error {max_error:g} is below what {store_name(store)} storage can hold "
-                                             "for this adapter; store the zoo as float32 (--dtype float32)")
-        for module, (RU, RV, tail2) in fitted.items():
-            if RU.shape[1] == 0:
-                continue
-            check_finite(adapter.source, module, (RU, RV), (tail2,))
-            cores[adapter.name][f"{module}.RU"], cores[adapter.name][f"{module}.RV"] = RU, RV
-            mods[module]["residual"], mods[module]["err2"] = RU.shape[1], tail2
-            L, R, _ = parts[module]
-            QU, QV = orthonormal(basis[f"{module}.U"]), orthonormal(basis[f"{module}.V"])
-            mods[module]["err_parts"] = parts_of(QU, QV, torch.cat([L, -RU.to(torch.float64)], 1), torch.cat([R, RV.to(torch.float64).T], 0))
+        mods, own = entries[adapter.name]["modules"], cores[adapter.name]
+        held = first_residual(adapter, mods, {m: (basis[f"{m}.U"], basis[f"{m}.V"]) for m in mods},
+                              {m: (own[f"{m}.E"], own[f"{m}.F"]) for m in mods}, max_error, store)
+        for module, (RU, RV) in held.items():
+            own[f"{module}.RU"], own[f"{module}.RV"] = RU, RV
         if progress:
             progress(i + 1, len(over), f"residual {adapter.name}")
-
-
-def store_name(store: torch.dtype) -> str:
-    return next(name for name, dtype in STORE_DTYPES.items() if dtype == store)
 
 
 def _collect(module, n, d, holders, result, basis, modules, cores, entries) -> None:

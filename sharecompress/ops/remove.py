@@ -19,7 +19,8 @@ from ..core.compress import KRule
 from ..errors import ZooError
 from ..store.reader import ZooReader
 from ..store.transaction import Transaction
-from .add import absorb_drift, fold_module, module_info, write_generation
+from .add import fold_module, module_info, write_generation
+from .guarantee import absorb_drift
 from .anchors import Anchors, move, prune
 from .entries import check_finite, finish_adapter_entry, module_bound2, now, refresh_module_stats
 from .merge import STORE_DTYPES
