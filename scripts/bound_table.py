@@ -80,9 +80,7 @@ def run(sources: list[str], merge: int, k: int, anchors: str, work: Path) -> dic
     for key, source in (("chain", None), ("anchored", tight), ("exact", exact)):
         err2 = sum((chain(entries[n]) if source is None else source[n]["relative_error"]) ** 2 * norm2[n] for n in moved)
         zoo_fig[key] = math.sqrt(err2 / sum(norm2.values())) if moved else 0.0
-    anchor_bytes = sum(a["bytes"] for rel, a in (zoo.manifest.get("anchors") or {}).items() if rel != zoo.manifest["basis_file"])
-    anchor_bytes += sum(e["anchor"]["bytes"] for e in entries.values() if e.get("anchor") and e["anchor"]["file"] != e["file"])
-    return {"rows": rows, "zoo": zoo_fig, "anchor_bytes": anchor_bytes,
+    return {"rows": rows, "zoo": zoo_fig, "anchor_bytes": zoo.report()["bytes_anchors"],
             "basis_bytes": (work / f"zoo-{anchors}" / zoo.manifest["basis_file"]).stat().st_size}
 
 

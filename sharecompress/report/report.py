@@ -9,9 +9,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..ops.entries import module_bound2, relative
-from ..store.manifest import side_ks
+from ..store.manifest import adapter_bytes, anchor_bytes, basis_bytes, side_ks
 
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 SHARED_INIT = 0.9  # lora_A cosine above which two adapters are taken to share their init
 
 
@@ -26,9 +25,8 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
     {adapter: {module: (err², norm²)}} from ``report --against`` — gives the exact figure.
     """
     measured = measured or {}
-    item = ITEMSIZE[manifest.get("dtype", "float32")]
     modules = manifest["modules"]
-    basis_bytes = sum((side_ks(m)[0] * m["shape"][0] + side_ks(m)[1] * m["shape"][1]) * item for m in modules.values())
+    bases = basis_bytes(manifest)
     coef_bytes = residual_bytes = 0
     total_err2 = total_norm2 = 0.0
     adapters = []
@@ -36,10 +34,9 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
         per_module = {}
         exact = measured.get(entry["name"])
         pairs = {}
-        own_residual = 0
+        own_cores, own_residual = adapter_bytes(manifest, entry)
+        coef_bytes += own_cores
         for name, mod in entry["modules"].items():
-            coef_bytes += sum(side_ks(modules[name])) * mod["p"] * item
-            own_residual += sum(modules[name]["shape"]) * mod.get("residual", 0) * item
             pairs[name] = exact[name] if exact else (module_bound2(mod), mod["norm2"])
             per_module[name] = relative(*pairs[name])
         err2 = sum(e for e, _ in pairs.values())
@@ -65,20 +62,16 @@ def build_report(manifest: dict, measured: dict | None = None) -> dict:
             }
         )
     original = sum(e["bytes_original"] for e in manifest["adapters"])
-    # earlier generations' files kept so that figures after adds stay tight (``ops.anchors``): the
-    # current basis and cores files are counted above already
-    anchor_bytes = sum(a["bytes"] for rel, a in (manifest.get("anchors") or {}).items() if rel != manifest["basis_file"])
-    anchor_bytes += sum(e["anchor"]["bytes"] for e in manifest["adapters"] if e.get("anchor") and e["anchor"]["file"] != e["file"])
-    compressed = basis_bytes + coef_bytes + residual_bytes
+    compressed = bases + coef_bytes + residual_bytes
     return {
         "relative_error": relative(total_err2, total_norm2),
         "energy_kept": 1.0 - total_err2 / total_norm2 if total_norm2 > 0 else 1.0,
         "bytes_original": original,
         "bytes_compressed": compressed,
-        "bytes_basis": basis_bytes,
+        "bytes_basis": bases,
         "bytes_coefficients": coef_bytes,
         "bytes_residual": residual_bytes,
-        "bytes_anchors": anchor_bytes,
+        "bytes_anchors": anchor_bytes(manifest),  # earlier generations kept for tight bounds (``ops.anchors``)
         "max_error": manifest.get("max_error"),
         "bytes_extras": sum(e.get("bytes_extras", 0) for e in manifest["adapters"]),
         "budget": (manifest.get("k_rule") or {}).get("budget"),

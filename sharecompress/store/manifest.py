@@ -160,15 +160,30 @@ def expected_bytes(manifest: dict, relative: str) -> int:
     raise ZooError(relative, "is not named by the manifest")
 
 
-def stored_bytes(manifest: dict) -> int:
-    """Bytes of the zoo's bases, cores and private residuals (what serving it needs; heads and anchors apart)."""
+def basis_bytes(manifest: dict) -> int:
+    """Bytes of the shared bases, as the manifest sizes them."""
+    item = ITEM_BYTES[manifest.get("dtype", "float32")]
+    return item * sum(info["shape"][0] * side_ks(info)[0] + info["shape"][1] * side_ks(info)[1] for info in manifest["modules"].values())
+
+
+def adapter_bytes(manifest: dict, entry: dict) -> tuple[int, int]:
+    """(bytes of the adapter's cores, bytes of its private residuals), as the manifest sizes them."""
     item = ITEM_BYTES[manifest.get("dtype", "float32")]
     modules = manifest["modules"]
-    total = sum(info["shape"][0] * info["k_u"] + info["shape"][1] * info["k_v"] for info in modules.values())
-    for entry in manifest["adapters"]:
-        for m, mod in entry["modules"].items():
-            total += (modules[m]["k_u"] + modules[m]["k_v"]) * mod["p"] + sum(modules[m]["shape"]) * mod.get("residual", 0)
-    return total * item
+    cores = sum(sum(side_ks(modules[m])) * mod["p"] for m, mod in entry["modules"].items())
+    residual = sum(sum(modules[m]["shape"]) * mod.get("residual", 0) for m, mod in entry["modules"].items())
+    return cores * item, residual * item
+
+
+def stored_bytes(manifest: dict) -> int:
+    """Bytes of the zoo's bases, cores and private residuals (what serving it needs; heads and anchors apart)."""
+    return basis_bytes(manifest) + sum(sum(adapter_bytes(manifest, e)) for e in manifest["adapters"])
+
+
+def anchor_bytes(manifest: dict) -> int:
+    """Bytes of the earlier generations' files kept as anchors (the current ones are counted as the zoo)."""
+    current = {manifest["basis_file"], *(e["file"] for e in manifest["adapters"])}
+    return sum(size for rel, (_, size) in anchor_files(manifest).items() if rel not in current)
 
 
 def anchor_files(manifest: dict) -> dict[str, tuple[str, int]]:
