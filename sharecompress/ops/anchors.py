@@ -112,6 +112,9 @@ class Anchors:
         self.zoo = zoo
         self._bases: dict[str, object] = {}
         self._frames: dict[tuple[str, str], Frame] = {}
+        # the last adapter's anchor, read once for its bound, its take-back and its bound again (one slot:
+        # every adapter's would hold a copy of the anchor's bases each)
+        self._last: tuple[str, dict[str, tuple]] | None = None
 
     def _basis(self, rel: str):
         if rel not in self._bases:
@@ -122,6 +125,8 @@ class Anchors:
     def state(self, entry: dict) -> dict[str, tuple]:
         """{module: (U₀, V₀, E₀, F₀, RU₀, RV₀)} at the adapter's anchor (RU₀, RV₀ None without a residual)."""
         anchor = entry["anchor"]
+        if self._last is not None and self._last[0] == anchor["file"]:
+            return self._last[1]
         basis = self._basis(anchor["basis_file"])
         cores = self.zoo.checked_file(anchor["file"], anchor["sha256"], anchor["bytes"])
         where = self.zoo.path / anchor["file"]
@@ -140,6 +145,7 @@ class Anchors:
                                                                    or RV.shape[0] != d or RU.shape[1] != RV.shape[1])):
                 raise ZooError(where, f"anchor of {entry['name']!r}: module {m!r} has a misshapen residual")
             out[m] = (U, V, E, F, RU, RV)
+        self._last = (anchor["file"], out)
         return out
 
     def totals(self, entry: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
