@@ -145,10 +145,16 @@ def sketch(
 
     Takes ``B (…, T, n, r)``, ``A (…, T, r, d)``, ``s (…, T)``: a batch of same-shape modules
     is one batched call, and each module's result equals what it would get alone.
+    The stacks of ``left_blocks`` and ``right_blocks`` stay factored (``linalg.range_basis``): with
+    B_t = Q_B·R_B and A_tᵀ = Q_A·R_A, the left one is [s_t·B_t·R_Aᵀ]_t and the right one
+    [s_t·A_tᵀ·R_Bᵀ]_t; ‖ΔW_t‖ = |s_t|·‖R_B·R_Aᵀ‖ gives the total from r × r products.
     """
-    Xu, Xv = linalg.left_blocks(B, A, s), linalg.right_blocks(B, A, s)
-    total = Xu.pow(2).sum(dim=(-3, -2, -1), dtype=torch.float64)  # the same for both stacks
-    return linalg.range_basis(Xu, widths[0], POWER_ITERS), linalg.range_basis(Xv, widths[1], POWER_ITERS), total
+    rows = B.transpose(-1, -2)
+    RA, RB = linalg.gauge_roots(A), linalg.gauge_roots(rows)
+    sc = s[..., None, None]
+    total = (sc * (RB @ RA.transpose(-1, -2))).double().pow(2).sum(dim=(-3, -2, -1))  # the same for both stacks
+    return (linalg.range_basis(rows, sc * RA.transpose(-1, -2), widths[0], POWER_ITERS),
+            linalg.range_basis(A, sc * RB.transpose(-1, -2), widths[1], POWER_ITERS), total)
 
 
 def module_bases(
@@ -180,7 +186,7 @@ def module_bases(
         WU, WV, total = sketched if sketched is not None else sketch(B, A, s, widths)
         sketched = None
         total = float(total)
-        Br = WU.T.to(work) @ B
+        Br = (B.transpose(-1, -2) @ WU.to(work)).transpose(-1, -2)  # one GEMM where B lies as its rows
         Ar = A @ WV.to(work)
         U, V, curve, done = _solve(Br.double(), Ar.double(), s.double(), rule, method, sweeps, widths, (total, total))
         roomy = all(k <= w - SKETCH_EXTRA // 2 or w == c for k, w, c in zip((U.shape[1], V.shape[1]), widths, caps))
@@ -202,7 +208,7 @@ def project_all(
     f64 = torch.float64
     U64, V64 = U.to(f64), V.to(f64)
     B64, A64, s64 = B.to(f64), A.to(f64), s.to(f64)
-    P = U64.T @ B64  # (T, k, r)
+    P = (B64.mT @ U64).mT  # (T, k, r): one GEMM where B lies as its rows (``as_rows``)
     Q = A64 @ V64  # (T, r, k)
     k = min(U.shape[1], V.shape[1])
     keeps = [min(r, k, p if p is not None else r) for r in ranks]
@@ -264,6 +270,18 @@ def compress_batch(
     return compress_stacked(B, A, s, ranks[0], rule, **options)
 
 
+def as_rows(B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """B (…, n, r) in ``dtype``, held as its transpose: the view ``Bᵀ.mT`` of a contiguous Bᵀ (…, r, n).
+
+    Every large product with B (the sketch's, Uᵀ·B_t) is then one GEMM over all adapters instead
+    of a batch of r-wide ones. One copy at most, none when B already lies so.
+    """
+    rows = B.transpose(-1, -2)
+    if rows.dtype != dtype or not rows.is_contiguous():
+        rows = torch.empty(rows.shape, dtype=dtype, device=rows.device).copy_(rows)  # widened as it is moved
+    return rows.transpose(-1, -2)
+
+
 def compress_stacked(
     B: torch.Tensor,
     A: torch.Tensor,
@@ -296,7 +314,7 @@ def compress_stacked(
     B, A = B.to(device, non_blocking=True), A.to(device, non_blocking=True)
     s = s.to(device=device, dtype=torch.float64)
     work = torch.float64 if B.dtype == torch.float64 else torch.float32
-    B, A = B.to(work), A.to(work)  # widened once, on the device
+    B, A = as_rows(B, work), A.to(work)  # widened once, on the device
     if not all(bool(torch.isfinite(X.sum(dtype=torch.float64 if work == torch.float64 else torch.float32))) for X in (B, A)):
         if not_finite is not None:
             not_finite()

@@ -4,6 +4,8 @@ Shapes for one module with T adapters, ranks zero-padded to r (zero columns of B
 change no ΔW): ``B (T, n, r)``, ``A (T, r, d)``, ``s (T,)``. No n × d matrix is ever formed.
 ``left_blocks``, ``right_blocks``, ``flatten_blocks`` and ``range_basis`` also take a leading
 batch of G modules of one shape (``B (G, T, n, r)``, ``s (G, T)``): one batched call for all.
+B may be the transposed view of its rows (``B = Bᵀ.mT`` with Bᵀ (…, T, r, n) in memory): a merge
+keeps it so, which makes Uᵀ·B_t and the stack's products single GEMMs.
 """
 
 from __future__ import annotations
@@ -26,8 +28,12 @@ def left_blocks(B: torch.Tensor, A: torch.Tensor, s: torch.Tensor) -> torch.Tens
     r × r Gram is ten times faster but squares A's condition number: measured, it let a badly
     conditioned split (B·D⁻¹, D·A) change the bases, so the QR stays.
     """
-    R = torch.linalg.qr(A.transpose(-1, -2), mode="r")[1]
-    return s[..., None, None] * (B @ R.transpose(-1, -2))
+    return s[..., None, None] * (B @ gauge_roots(A).transpose(-1, -2))
+
+
+def gauge_roots(rows: torch.Tensor) -> torch.Tensor:
+    """R (…, r, r) with rows·rowsᵀ = RᵀR for rows (…, r, n): the R of a thin QR of rowsᵀ."""
+    return torch.linalg.qr(rows.transpose(-1, -2), mode="r")[1]
 
 
 def right_blocks(B: torch.Tensor, A: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -97,21 +103,29 @@ def top_subspace(
     return _iterate(flat.float(), k, total, warm, seed, tol, max_iter)
 
 
-def range_basis(X: torch.Tensor, width: int, power: int = 2, seed: int = 0) -> torch.Tensor:
-    """Orthonormal n × width basis holding the leading left singular directions of the stack.
+def range_basis(rows: torch.Tensor, D: torch.Tensor, width: int, power: int = 2, seed: int = 0) -> torch.Tensor:
+    """Orthonormal n × width basis holding the leading left singular directions of the stack
+    M = [rows_1ᵀ·D_1 | … | rows_Tᵀ·D_T], never formed: rows (…, T, c, n), D (…, T, c, c).
 
+    With rows_t = A_t and D_t = s_t·R_tᵀ this is ``right_blocks``' stack, with rows_t = B_tᵀ
+    ``left_blocks``'. Each product with M is one GEMM with the rows as they lie in memory (a (T·c) × n
+    matrix, used transposed) and a batch of c-sized products with D: no n × T·c copy is made.
     A randomized range finder with ``power`` power iterations, products in float32. A batch of
-    stacks (…, n, m) shares one random start, so each gets the basis it would get alone.
+    stacks shares one random start, so each gets the basis it would get alone.
     """
-    flat = flatten_blocks(X).float()
-    n, m = flat.shape[-2:]
+    *lead, T, c, n = rows.shape
+    F = rows.float().reshape(*lead, T * c, n)
+    D = D.float()
+    m = T * c
     width = min(width, n, m)
+    times = lambda Y: F.mT @ (D @ Y.unflatten(-2, (T, c))).flatten(-3, -2)  # noqa: E731  M·Y
+    times_t = lambda Y: (D.mT @ (F @ Y).unflatten(-2, (T, c))).flatten(-3, -2)  # noqa: E731  Mᵀ·Y
     gen = torch.Generator().manual_seed(seed)
-    Y = flat @ torch.randn(m, width, generator=gen).to(flat.device)
+    Y = times(torch.randn(m, width, generator=gen).to(F.device))
     for _ in range(power):
         with one_thread():
             Y = torch.linalg.qr(Y)[0]
-        Y = flat @ (flat.mT @ Y)
+        Y = times(times_t(Y))
     with one_thread():
         return torch.linalg.qr(Y.double())[0]
 

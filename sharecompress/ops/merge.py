@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..core.budget import ModuleSpectrum, allocate, parse_size
-from ..core.compress import METHODS, KRule, ModuleResult, compress_stacked, spectrum
+from ..core.compress import METHODS, KRule, ModuleResult, as_rows, compress_stacked, spectrum
 from ..core.diagnostics import held_out_errors, nearest_twin
 from ..errors import InputError, ZooError
 from ..io.adapter import Adapter
@@ -312,6 +312,17 @@ def load_stacked(holders: list[Adapter], modules: list[str], pool: ThreadPoolExe
     return B, A, ranks
 
 
+def ready_for(B: torch.Tensor, A: torch.Tensor, ranks: list[int], device: str | torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Stacks as the compute takes them on the CPU (float32 at least, B held as its rows: ``as_rows``),
+    made in the reader's thread while the previous batch computes. A GPU gets them as read (half
+    precision travels at half the bytes) and widens them there."""
+    if torch.device(device).type != "cpu":
+        return B, A, ranks
+    work = torch.float64 if B.dtype == torch.float64 else torch.float32
+    return as_rows(B, work), A.to(work), ranks
+
+
 def name_the_bad_tensor(holders: list[Adapter], modules: list[str]) -> None:
     """Called when a batch's stacks hold NaN or Inf: checks each tensor, to name the file (raises)."""
     for module in modules:
@@ -339,7 +350,7 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
     loo: dict[tuple[str, str], float] = {}  # (adapter, module): squared error on bases fit without it
     done = 0
     try:
-        load = lambda batch: load_stacked(holders_of[batch[0]], batch, files)  # noqa: E731
+        load = lambda batch: ready_for(*load_stacked(holders_of[batch[0]], batch, files), device)  # noqa: E731
         pending = reader.submit(load, batches[0]) if batches else None
         for i, batch in enumerate(batches):
             B, A, ranks = pending.result()
