@@ -170,3 +170,47 @@ def test_iterative_top_subspace_matches_exact(monkeypatch):
     assert _span_distance(iterated.basis, exact.basis) < 1e-5
     assert iterated.total == pytest.approx(exact.total, rel=1e-12)
     assert torch.allclose(iterated.energies[:6], exact.energies[:6], rtol=1e-6)
+
+
+@pytest.mark.parametrize("T, n, ranks", [(6, 30, [4] * 6), (3, 30, [4, 2, 3]), (20, 18, [3] * 19 + [1])])
+def test_top_left_and_top_right_are_the_dense_stacks_subspaces(T, n, ranks):
+    """The Gram path (a small side below a wide stack) and the blocks path agree with the dense SVD,
+    zero-padded mixed ranks included."""
+    gen = torch.Generator().manual_seed(T)
+    d = n - 5
+    factors = [(torch.randn(n, r, generator=gen, dtype=torch.float64), torch.randn(r, d, generator=gen, dtype=torch.float64))
+               for r in ranks]
+    scales = [0.3 + 0.2 * t for t in range(T)]
+    B, A = pad_stack(factors)
+    s = torch.tensor(scales, dtype=torch.float64)
+    dense = [dense_delta(b, a, sc) for (b, a), sc in zip(factors, scales)]
+    k = 5
+    U_ref, S_ref, Vh_ref = torch.linalg.svd(torch.cat(dense, dim=1))
+    V_ref = torch.linalg.svd(torch.cat(dense, dim=0))[2][:k].T
+    left, right = linalg.top_left(B, A, s, k), linalg.top_right(B, A, s, k)
+    assert _span_distance(left.basis, U_ref[:, :k]) < 1e-8
+    assert _span_distance(right.basis, V_ref) < 1e-8
+    assert torch.allclose(left.energies[:k], S_ref[:k] ** 2, rtol=1e-10)
+    assert left.total == pytest.approx(float((S_ref**2).sum()), rel=1e-12)
+    assert right.total == pytest.approx(left.total, rel=1e-12)
+
+
+def test_range_basis_on_factors_is_the_range_basis_of_the_formed_stack():
+    """The factored stack (rows and r × r blocks) is the stack ``left_blocks`` forms: fed either way,
+    the range finder returns the same basis, and the sketch's total is Σ‖ΔW_t‖²."""
+    from sharecompress.core.compress import sketch
+
+    factors, scales = _stack(T=8, n=40, d=36, r=5)
+    B, A = pad_stack(factors)
+    s = torch.tensor(scales, dtype=torch.float64)
+    X = linalg.left_blocks(B, A, s)  # (T, n, r): the formed blocks
+    eye = torch.eye(X.shape[-1], dtype=X.dtype).expand(X.shape[0], -1, -1)
+    formed = linalg.range_basis(X.transpose(-1, -2).contiguous(), eye, 12, power=3)
+    WU, WV, total = sketch(B.float(), A.float(), s.float(), (12, 12))
+    assert _span_distance(WU.double(), formed) < 1e-4
+    assert torch.allclose(WU.double().T @ WU.double(), torch.eye(12, dtype=torch.float64), atol=1e-10)
+    Y = linalg.right_blocks(B, A, s)
+    formed_v = linalg.range_basis(Y.transpose(-1, -2).contiguous(), eye, 12, power=3)
+    assert _span_distance(WV.double(), formed_v) < 1e-4
+    dense2 = sum(float(dense_delta(b, a, sc).pow(2).sum()) for (b, a), sc in zip(factors, scales))
+    assert float(total) == pytest.approx(dense2, rel=1e-5)

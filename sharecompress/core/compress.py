@@ -101,11 +101,10 @@ def _solve(B, A, s, rule, method, sweeps, caps, totals=None):
     U and V each get their own k: a stack of rank above n (or d) fits a full U (or V) while the
     other side still needs every direction it has, so one k for both could not be lossless.
     """
-    Xu, Xv = linalg.left_blocks(B, A, s), linalg.right_blocks(B, A, s)
     start = rule.fixed or (32, 32)
     widths = [min(caps[0], max(start[0], rule.k_min[0])), min(caps[1], max(start[1], rule.k_min[1]))]
     while True:
-        left, right = linalg.top_subspace(Xu, widths[0]), linalg.top_subspace(Xv, widths[1])
+        left, right = linalg.top_left(B, A, s, widths[0]), linalg.top_right(B, A, s, widths[1])
         totals = totals or (left.total, right.total)
         ks = [_side_k(rule, sub, totals[i], caps[i], i) for i, sub in enumerate((left, right))]
         if widths == list(caps):

@@ -130,21 +130,56 @@ def range_basis(rows: torch.Tensor, D: torch.Tensor, width: int, power: int = 2,
         return torch.linalg.qr(Y.double())[0]
 
 
-def _exact(flat: torch.Tensor, k: int, total: float, seed: int) -> Subspace:
-    n, m = flat.shape
-    gram = flat.T @ flat if m <= n else flat @ flat.T
+def top_left(
+    B: torch.Tensor, A: torch.Tensor, s: torch.Tensor, k: int, warm: torch.Tensor | None = None, max_iter: int = 30
+) -> Subspace:
+    """``top_subspace(left_blocks(B, A, s), k, warm)`` for one module's factors (T, n, r), (T, r, d).
+
+    Where the exact solve would take the n × n Gram (a small n below a wide stack: the sketched
+    problems, the refinement's steps) that Gram is Σ_t B_t·(s_t²·A_tA_tᵀ)·B_tᵀ, from r × r products,
+    with no QR of any factor: the same matrix, rounded in float64 instead of through R_t.
+    """
+    T, n, r = B.shape
+    if not (n < T * r and n <= max(EXACT_LIMIT, 2 * (k + OVERSAMPLE))):
+        return top_subspace(left_blocks(B, A, s), k, warm=warm, max_iter=max_iter)
+    B64, A64 = B.double(), A.double()
+    H = s.double().pow(2)[:, None, None] * (A64 @ A64.mT)  # (T, r, r)
+    gram = torch.einsum("tnr,tmr->nm", B64 @ H, B64)
+    return _from_gram(gram, k, float(gram.diagonal().sum()))
+
+
+def top_right(
+    B: torch.Tensor, A: torch.Tensor, s: torch.Tensor, k: int, warm: torch.Tensor | None = None, max_iter: int = 30
+) -> Subspace:
+    """``top_subspace(right_blocks(B, A, s), k, warm)``, as ``top_left`` (the row space of the updates)."""
+    return top_left(A.transpose(-1, -2), B.transpose(-1, -2), s, k, warm=warm, max_iter=max_iter)
+
+
+def _from_gram(gram: torch.Tensor, k: int, total: float, seed: int = 0) -> Subspace:
+    """The top-k eigenvectors of a stack's n × n Gram, as ``_exact`` takes them when n is the smaller side."""
     with one_thread():
         evals, evecs = torch.linalg.eigh(gram)
     evals = evals.flip(0).clamp_min(0.0)
     evecs = evecs.flip(1)
     top = float(evals[0]) if evals.numel() else 0.0
     valid = int((evals[:k] > _NOISE_FLOOR * top).sum()) if top > 0 else 0
-    if m <= n:
-        basis = flat @ (evecs[:, :valid] / evals[:valid].sqrt())
-        if valid:
-            basis = torch.linalg.qr(basis)[0]
-    else:
-        basis = evecs[:, :valid]
+    return Subspace(complete_basis(evecs[:, :valid], gram.shape[0], k, seed), evals, total)
+
+
+def _exact(flat: torch.Tensor, k: int, total: float, seed: int) -> Subspace:
+    n, m = flat.shape
+    if m > n:
+        return _from_gram(flat @ flat.T, k, total, seed)
+    gram = flat.T @ flat
+    with one_thread():
+        evals, evecs = torch.linalg.eigh(gram)
+    evals = evals.flip(0).clamp_min(0.0)
+    evecs = evecs.flip(1)
+    top = float(evals[0]) if evals.numel() else 0.0
+    valid = int((evals[:k] > _NOISE_FLOOR * top).sum()) if top > 0 else 0
+    basis = flat @ (evecs[:, :valid] / evals[:valid].sqrt())
+    if valid:
+        basis = torch.linalg.qr(basis)[0]
     return Subspace(complete_basis(basis, n, k, seed), evals, total)
 
 
@@ -228,8 +263,8 @@ def refine(
     best = -1.0
     done = 0
     for _ in range(sweeps):
-        U_new = top_subspace(left_blocks(B, A @ V.to(A.dtype), s.to(A.dtype)), ku, warm=U, max_iter=WARM_ITERS).basis
-        right = top_subspace(right_blocks(U_new.T.to(B.dtype) @ B, A, s.to(A.dtype)), kv, warm=V, max_iter=WARM_ITERS)
+        U_new = top_left(B, A @ V.to(A.dtype), s.to(A.dtype), ku, warm=U, max_iter=WARM_ITERS).basis
+        right = top_right(U_new.T.to(B.dtype) @ B, A, s.to(A.dtype), kv, warm=V, max_iter=WARM_ITERS)
         gain = right.captured
         if gain < best:  # rounding only; keep the better pair
             break
