@@ -197,20 +197,54 @@ def test_top_left_and_top_right_are_the_dense_stacks_subspaces(T, n, ranks):
 
 def test_range_basis_on_factors_is_the_range_basis_of_the_formed_stack():
     """The factored stack (rows and r × r blocks) is the stack ``left_blocks`` forms: fed either way,
-    the range finder returns the same basis, and the sketch's total is Σ‖ΔW_t‖²."""
-    from sharecompress.core.compress import sketch
-
+    with the same root, the range finder returns the same basis."""
     factors, scales = _stack(T=8, n=40, d=36, r=5)
     B, A = pad_stack(factors)
     s = torch.tensor(scales, dtype=torch.float64)
-    X = linalg.left_blocks(B, A, s)  # (T, n, r): the formed blocks
+    R = linalg.gram_roots(A @ A.mT)  # RᵀR = AAᵀ
+    assert torch.allclose(R.mT @ R, A @ A.mT, rtol=1e-10, atol=1e-10)
+    X = s[:, None, None] * (B @ R.mT)  # the formed blocks s_t·B_t·R_tᵀ
     eye = torch.eye(X.shape[-1], dtype=X.dtype).expand(X.shape[0], -1, -1)
-    formed = linalg.range_basis(X.transpose(-1, -2).contiguous(), eye, 12, power=3)
+    formed = linalg.range_basis(X.mT.contiguous(), eye, 12, power=3)
+    factored = linalg.range_basis(B.mT.contiguous(), s[:, None, None] * R.mT, 12, power=3)
+    assert _span_distance(factored, formed) < 1e-4
+    assert torch.allclose(factored.T @ factored, torch.eye(12, dtype=torch.float64), atol=1e-10)
+
+
+def test_sketch_holds_the_leading_subspaces_and_the_exact_total():
+    """On a gapped stack the sketch's working bases hold the dense top directions of both sides,
+    mixed ranks and a singular Gram (zero padding) included, and its total is Σ‖ΔW_t‖²."""
+    from sharecompress.core.compress import sketch
+
+    n, d, k = 60, 50, 4
+    gen = torch.Generator().manual_seed(5)
+    Ub = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))[0]
+    Vb = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))[0]
+    factors = []
+    for t, r in enumerate([5, 5, 3, 5, 4, 5, 5, 2]):
+        core = torch.randn(k, r, generator=gen, dtype=torch.float64) * 10
+        B = Ub @ core + 1e-3 * torch.randn(n, r, generator=gen, dtype=torch.float64)
+        A = torch.randn(r, k, generator=gen, dtype=torch.float64) @ Vb.T + 1e-3 * torch.randn(r, d, generator=gen, dtype=torch.float64)
+        factors.append((B, A))
+    scales = [0.5 + 0.1 * t for t in range(len(factors))]
+    B, A = pad_stack(factors)
+    s = torch.tensor(scales, dtype=torch.float64)
     WU, WV, total = sketch(B.float(), A.float(), s.float(), (12, 12))
-    assert _span_distance(WU.double(), formed) < 1e-4
-    assert torch.allclose(WU.double().T @ WU.double(), torch.eye(12, dtype=torch.float64), atol=1e-10)
-    Y = linalg.right_blocks(B, A, s)
-    formed_v = linalg.range_basis(Y.transpose(-1, -2).contiguous(), eye, 12, power=3)
-    assert _span_distance(WV.double(), formed_v) < 1e-4
-    dense2 = sum(float(dense_delta(b, a, sc).pow(2).sum()) for (b, a), sc in zip(factors, scales))
-    assert float(total) == pytest.approx(dense2, rel=1e-5)
+    dense = [dense_delta(b, a, sc) for (b, a), sc in zip(factors, scales)]
+    U_ref = torch.linalg.svd(torch.cat(dense, dim=1))[0][:, :k]
+    V_ref = torch.linalg.svd(torch.cat(dense, dim=0))[2][:k].T
+    held = lambda W, Ref: float(torch.linalg.matrix_norm(Ref - W @ (W.T @ Ref), ord=2))  # noqa: E731
+    assert held(WU.double(), U_ref) < 1e-5 and held(WV.double(), V_ref) < 1e-5
+    assert float(total) == pytest.approx(sum(float(x.pow(2).sum()) for x in dense), rel=1e-6)
+
+
+def test_gram_roots_of_singular_and_ill_conditioned_grams():
+    """A Cholesky root where the Gram allows, the symmetric root where it is singular: RᵀR = G either way."""
+    gen = torch.Generator().manual_seed(2)
+    A = torch.randn(3, 5, 40, generator=gen, dtype=torch.float64)
+    A[1, 3:] = 0.0  # a lower rank, zero-padded
+    A[2] = torch.logspace(0, -6, 5, dtype=torch.float64)[:, None] * A[2]  # a split of condition number 10⁶
+    G = A @ A.mT
+    R = linalg.gram_roots(G)
+    assert torch.allclose(R.mT @ R, G, rtol=1e-9, atol=1e-12 * float(G.abs().max()))
+    assert torch.equal(R[0], torch.triu(R[0]))  # Cholesky where it can

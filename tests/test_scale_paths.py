@@ -76,9 +76,9 @@ def test_prefetching_reader_sees_every_module_once(tmp_path, monkeypatch):
     seen = []
     original = merge_module.load_stacked
 
-    def spy(holders, modules, pool=None):
+    def spy(holders, modules, pool=None, scratch=None):
         seen.extend(modules)
-        return original(holders, modules, pool)
+        return original(holders, modules, pool, scratch)
 
     monkeypatch.setattr(merge_module, "load_stacked", spy)
     zoo = sharecompress.merge(sources(tmp_path), tmp_path / "z", k=3)

@@ -10,6 +10,7 @@ import torch
 
 from . import linalg
 from .bounds import merge_parts
+from .scratch import Scratch
 from . import METHODS  # noqa: F401  (re-exported: merge and the CLI read it here)
 
 
@@ -137,22 +138,31 @@ def needs_sketch(n: int, d: int, total_rank: int, method: str) -> bool:
     return method != "paper" and min(n, d, total_rank) > linalg.EXACT_LIMIT
 
 
+def factor_grams(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(BᵀB, AAᵀ) per adapter in float64, batched: the exact errors, the gauge roots and the
+    finiteness check all read them."""
+    B64, A64 = B.to(torch.float64), A.to(torch.float64)
+    return B64.transpose(-1, -2) @ B64, A64 @ A64.transpose(-1, -2)
+
+
 def sketch(
-    B: torch.Tensor, A: torch.Tensor, s: torch.Tensor, widths: tuple[int, int]
+    B: torch.Tensor, A: torch.Tensor, s: torch.Tensor, widths: tuple[int, int],
+    grams: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W_U, W_V, Σ‖ΔW_t‖²): randomized working bases for one module or a batch of G.
 
     Takes ``B (…, T, n, r)``, ``A (…, T, r, d)``, ``s (…, T)``: a batch of same-shape modules
     is one batched call, and each module's result equals what it would get alone.
     The stacks of ``left_blocks`` and ``right_blocks`` stay factored (``linalg.range_basis``): with
-    B_t = Q_B·R_B and A_tᵀ = Q_A·R_A, the left one is [s_t·B_t·R_Aᵀ]_t and the right one
-    [s_t·A_tᵀ·R_Bᵀ]_t; ‖ΔW_t‖ = |s_t|·‖R_B·R_Aᵀ‖ gives the total from r × r products.
+    B_tᵀB_t = R_BᵀR_B and A_tA_tᵀ = R_AᵀR_A (``linalg.gram_roots`` of ``grams``, the float64
+    ``factor_grams``), the left one is [s_t·B_t·R_Aᵀ]_t and the right one [s_t·A_tᵀ·R_Bᵀ]_t;
+    the total is Σ_t s_t²·⟨B_tᵀB_t, A_tA_tᵀ⟩, exact.
     """
-    rows = B.transpose(-1, -2)
-    RA, RB = linalg.gauge_roots(A), linalg.gauge_roots(rows)
+    BtB, AAt = grams if grams is not None else factor_grams(B, A)
+    RB, RA = linalg.gram_roots(BtB).to(B.dtype), linalg.gram_roots(AAt).to(A.dtype)
     sc = s[..., None, None]
-    total = (sc * (RB @ RA.transpose(-1, -2))).double().pow(2).sum(dim=(-3, -2, -1))  # the same for both stacks
-    return (linalg.range_basis(rows, sc * RA.transpose(-1, -2), widths[0], POWER_ITERS),
+    total = (sc.double().pow(2) * BtB * AAt).sum(dim=(-3, -2, -1))  # the same for both stacks
+    return (linalg.range_basis(B.transpose(-1, -2), sc * RA.transpose(-1, -2), widths[0], POWER_ITERS),
             linalg.range_basis(A, sc * RB.transpose(-1, -2), widths[1], POWER_ITERS), total)
 
 
@@ -196,13 +206,13 @@ def module_bases(
 
 def project_all(
     U: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch.Tensor,
-    ranks: list[int], p: int | None, store: torch.dtype,
+    ranks: list[int], p: int | None, store: torch.dtype, grams: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[AdapterCore]:
     """Every adapter's best core on the stored bases, rounded to ``store``, with exact errors;
     the cores on the host whatever the device.
 
     Batched over adapters (ranks zero-padded); errors by ``linalg.squared_errors`` in float64
-    on the stored (rounded) values.
+    on the stored (rounded) values. ``grams``: ``factor_grams(B, A)`` when the caller has them.
     """
     f64 = torch.float64
     U64, V64 = U.to(f64), V.to(f64)
@@ -213,7 +223,7 @@ def project_all(
     keeps = [min(r, k, p if p is not None else r) for r in ranks]
     E, F = linalg.split_cores(P, Q, s64, keeps, ranks)
     E, F = E.to(store), F.to(store)
-    grams = (B64.mT @ B64, A64 @ A64.mT)  # shared by the errors and the parts
+    grams = grams or factor_grams(B64, A64)  # shared by the errors and the parts
     err2, norm2 = linalg.squared_errors(B64, A64, s64, U64, E, F, V64, P, Q, grams)
     parts = merge_parts(U64, V64, P, Q, B64, A64, s64, E, F, grams)
     # to the host in one transfer each (a GPU merge would otherwise wait on 2·T tiny copies per module)
@@ -294,6 +304,7 @@ def compress_stacked(
     device: torch.device | str = "cpu",
     finished: Callable[[int], None] | None = None,
     not_finite: Callable[[], None] | None = None,
+    scratch: Scratch | None = None,
 ) -> list[ModuleResult]:
     """Bases and cores for G modules of one shape: B (G, T, n, r), A (G, T, r, d) zero-padded to the
     largest of ``ranks`` (adapter t's own rank), s (G, T) the scales.
@@ -303,6 +314,8 @@ def compress_stacked(
     nearly all the arithmetic — run as one batched call; what follows works on small projected
     factors and goes module by module. Results equal G separate ``compress_module`` calls.
     ``rule`` and ``p`` are one for all, or one per module (a budget gives each its own k and p).
+    ``scratch``: buffers for the batch's float64 copies, kept for the next batch (a merge's); nothing
+    returned refers to them.
     The stacks are checked for NaN or Inf once, on the device (a sum is not finite when any element
     is not); ``not_finite`` is called then, to name the file (it raises), else ValueError.
     """
@@ -314,22 +327,28 @@ def compress_stacked(
     s = s.to(device=device, dtype=torch.float64)
     work = torch.float64 if B.dtype == torch.float64 else torch.float32
     B, A = as_rows(B, work), A.to(work)  # widened once, on the device
-    if not all(bool(torch.isfinite(X.sum(dtype=torch.float64 if work == torch.float64 else torch.float32))) for X in (B, A)):
+    if scratch is not None and work != torch.float64:  # the exact figures' copies, made once for the batch
+        B64 = scratch.take("B64", B.transpose(-1, -2).shape, torch.float64, B.device).copy_(B.transpose(-1, -2)).transpose(-1, -2)
+        A64 = scratch.take("A64", A.shape, torch.float64, A.device).copy_(A)
+    else:
+        B64, A64 = B.to(torch.float64), A.to(torch.float64)
+    grams = factor_grams(B64, A64)
+    # a NaN or Inf anywhere in a factor makes its Gram's diagonal (Σ of squares) NaN or Inf
+    if not all(bool(torch.isfinite(X.diagonal(dim1=-2, dim2=-1).sum())) for X in grams):
         if not_finite is not None:
             not_finite()
-        if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):  # a sum can overflow alone
+        if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):  # float64 squares can overflow alone
             raise ValueError("the factors hold NaN or Inf")
     sketched = None
-    if G > 1 and needs_sketch(n, d, total_rank, method):
+    if needs_sketch(n, d, total_rank, method):
         width = max(sketch_width(r) for r in rules)
-        sketched = sketch(B, A, s.to(work), (min(n, total_rank, width), min(d, total_rank, width)))
+        sketched = sketch(B, A, s.to(work), (min(n, total_rank, width), min(d, total_rank, width)), grams)
     results = []
     for g in range(G):
         mine = None if sketched is None else tuple(t[g] for t in sketched)
-        Bg, Ag = B[g], A[g]
-        U, V, curve, done = module_bases(Bg, Ag, s[g], rules[g], method, sweeps, total_rank, mine)
+        U, V, curve, done = module_bases(B[g], A[g], s[g], rules[g], method, sweeps, total_rank, mine)
         U_st, V_st = U.to(store).contiguous(), V.to(store).contiguous()
-        cores = project_all(U_st, V_st, Bg, Ag, s[g], ranks, ps[g], store)
+        cores = project_all(U_st, V_st, B64[g], A64[g], s[g], ranks, ps[g], store, (grams[0][g], grams[1][g]))
         results.append(ModuleResult(U_st.cpu(), V_st.cpu(), cores, curve.cpu(), done))
         if finished:
             finished(g)  # a progress bar advances per module, not per batch

@@ -11,8 +11,9 @@ from typing import Callable, Iterable
 import torch
 
 from ..core.budget import ModuleSpectrum, allocate, parse_size
-from ..core.compress import METHODS, KRule, ModuleResult, as_rows, compress_stacked, spectrum
+from ..core.compress import METHODS, KRule, ModuleResult, compress_stacked, spectrum
 from ..core.diagnostics import held_out_errors, nearest_twin
+from ..core.scratch import Scratch
 from ..errors import InputError, ZooError
 from ..io.adapter import Adapter
 from ..io.confined import Dir
@@ -286,11 +287,12 @@ def stack_dtype(holders: list[Adapter], modules: list[str]) -> torch.dtype:
     return torch.float64 if "F64" in kinds else torch.float32
 
 
-def load_stacked(holders: list[Adapter], modules: list[str], pool: ThreadPoolExecutor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def load_stacked(holders: list[Adapter], modules: list[str], pool: ThreadPoolExecutor | None = None,
+                 scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """One batch's factors read straight into its stacks: B (G, T, n, r), A (G, T, r, d), zero-padded
     to the largest rank, and each adapter's rank. Every module of a batch has the same adapters,
-    shape and ranks (``plan_batches``). One adapter's file per task when ``pool`` is given.
+    shape and ranks (``plan_batches``). One adapter's file per task when ``pool`` is given; the
+    stacks in ``scratch``'s buffers when given.
 
     The stacks are not checked for NaN or Inf here: ``compress_stacked`` checks each whole stack
     once on the device, and ``name_the_bad_tensor`` finds the file.
@@ -299,9 +301,14 @@ def load_stacked(holders: list[Adapter], modules: list[str], pool: ThreadPoolExe
     ranks = [a.modules[modules[0]].rank for a in holders]
     r = max(ranks)
     dtype = stack_dtype(holders, modules)
-    make = torch.zeros if min(ranks) < r else torch.empty  # padding must be zeros
-    B = make(len(modules), len(holders), first.n, r, dtype=dtype)
-    A = make(len(modules), len(holders), r, first.d, dtype=dtype)
+    shapes = (len(modules), len(holders), first.n, r), (len(modules), len(holders), r, first.d)
+    if scratch is not None:
+        B, A = (scratch.take(name, shape, dtype, torch.device("cpu")) for name, shape in zip(("read B", "read A"), shapes))
+    else:
+        B, A = (torch.empty(shape, dtype=dtype) for shape in shapes)
+    if min(ranks) < r:  # padding must be zeros
+        B.zero_()
+        A.zero_()
 
     def fill(t: int) -> None:
         with holders[t].file.opened() as fd:
@@ -312,15 +319,18 @@ def load_stacked(holders: list[Adapter], modules: list[str], pool: ThreadPoolExe
     return B, A, ranks
 
 
-def ready_for(B: torch.Tensor, A: torch.Tensor, ranks: list[int], device: str | torch.device
+def ready_for(B: torch.Tensor, A: torch.Tensor, ranks: list[int], device: str | torch.device, scratch: Scratch
               ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Stacks as the compute takes them on the CPU (float32 at least, B held as its rows: ``as_rows``),
-    made in the reader's thread while the previous batch computes. A GPU gets them as read (half
-    precision travels at half the bytes) and widens them there."""
+    made in the reader's thread while the previous batch computes, in ``scratch``'s buffers. A GPU
+    gets them as read (half precision travels at half the bytes) and widens them there."""
     if torch.device(device).type != "cpu":
         return B, A, ranks
     work = torch.float64 if B.dtype == torch.float64 else torch.float32
-    return as_rows(B, work), A.to(work), ranks
+    rows = scratch.take("rows B", B.transpose(-1, -2).shape, work, B.device).copy_(B.transpose(-1, -2))
+    if A.dtype != work:
+        A = scratch.take("A", A.shape, work, A.device).copy_(A)
+    return rows.transpose(-1, -2), A, ranks
 
 
 def name_the_bad_tensor(holders: list[Adapter], modules: list[str]) -> None:
@@ -349,20 +359,28 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
     twins: dict[tuple[str, str], float] = {}  # (adapter, module): lora_A's largest cosine with another's
     loo: dict[tuple[str, str], float] = {}  # (adapter, module): squared error on bases fit without it
     done = 0
+    scratch = Scratch()
     try:
-        load = lambda batch: ready_for(*load_stacked(holders_of[batch[0]], batch, files), device)  # noqa: E731
-        pending = reader.submit(load, batches[0]) if batches else None
+        # Batch i's stacks live in slots[i % 2]: the reader fills batch i + 2's only once batch i is
+        # done with (it is asked for after batch i + 1 was taken), and nothing of a batch outlives it.
+        slots = (Scratch(), Scratch())
+
+        def load(i: int):
+            batch = batches[i]
+            return ready_for(*load_stacked(holders_of[batch[0]], batch, files, slots[i % 2]), device, slots[i % 2])
+
+        pending = reader.submit(load, 0) if batches else None
         for i, batch in enumerate(batches):
             B, A, ranks = pending.result()
             if i + 1 < len(batches):
-                pending = reader.submit(load, batches[i + 1])
+                pending = reader.submit(load, i + 1)
             holders = holders_of[batch[0]]
             scales = torch.tensor([[a.modules[m].scale for a in holders] for m in batch], dtype=torch.float64)
             B, A = B.to(device), A.to(device)  # once: the compute and the diagnostics below use them there
             per = lambda x: [x[m] for m in batch] if isinstance(x, dict) else x  # noqa: E731  (a budget's per-module k and p)
             tick = (lambda g, base=done, batch=batch: progress(base + g + 1, len(order), batch[g])) if progress else None
             bad = lambda batch=batch: name_the_bad_tensor(holders_of[batch[0]], batch)  # noqa: E731
-            results = compress_stacked(B, A, scales, ranks, per(rule), method, sweeps, per(p), store, device, tick, bad)
+            results = compress_stacked(B, A, scales, ranks, per(rule), method, sweeps, per(p), store, device, tick, bad, scratch)
             for g, m in enumerate(batch):  # after the stacks were found finite
                 for a, cosine in zip(holders, nearest_twin([A[g, t, :r] for t, r in enumerate(ranks)])):
                     if cosine is not None:

@@ -1,0 +1,31 @@
+"""Buffers a merge keeps from one batch to the next instead of allocating them again.
+
+A fresh tensor of tens of MB is fresh memory from the kernel, and the first write to each of its
+pages is a page fault: measured on the 2-core machine, widening a 2 × 128 × 1024 × 16 stack to
+float64 took 8.7 ms into a new tensor and 1.0 ms into a reused one. Batches of one shape repeat,
+so their buffers can too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class Scratch:
+    """Named buffers, each grown to the largest size asked of it and handed out as views.
+
+    A view from ``take`` is valid until the next ``take`` of the same name: the caller must not
+    let it (or a view of it) outlive that.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        count = math.prod(shape)
+        buf = self._held.get(name)
+        if buf is None or buf.numel() < count or buf.dtype != dtype or buf.device != device:
+            buf = self._held[name] = torch.empty(count, dtype=dtype, device=device)
+        return buf[:count].view(shape)
