@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -31,6 +32,18 @@ def test_nearest_twin_is_the_largest_cosine_with_another_adapter_of_the_same_sha
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     got = nearest_twin([a, a * 3, -a, torch.ones(1, 2)])
     assert got[0] == got[1] == 1.0 and abs(got[2] + 1.0) < 1e-6 and got[3] is None
+
+
+def test_nearest_twin_sketch_of_a_stack_equals_that_of_its_list():
+    """Above 256 coordinates the cosines go through the count sketch: one (T, r, d) tensor gives what
+    the list of its slices gives, a near copy is found, and independent draws stay far below it."""
+    gen = torch.Generator().manual_seed(4)
+    As = torch.randn(6, 4, 300, generator=gen)
+    As[3] = As[1] + 0.01 * torch.randn(4, 300, generator=gen)
+    from_tensor, from_list = nearest_twin(As), nearest_twin(list(As))
+    assert from_tensor == pytest.approx(from_list, abs=1e-6)
+    assert from_tensor[1] > 0.99 and from_tensor[3] > 0.99
+    assert max(from_tensor[t] for t in (0, 2, 4, 5)) < 0.4
 
 
 def test_a_shared_initialisation_is_reported_and_independent_ones_are_not(tmp_path):

@@ -16,34 +16,43 @@ SKETCH = 256  # buckets of the sketch of each flattened lora_A: cosines to about
 
 
 @functools.lru_cache(maxsize=8)
-def _hashing(size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A count sketch of ``size`` coordinates: each to one of ``SKETCH`` buckets, with a random sign."""
+def _hashing(size: int, seed: int) -> torch.Tensor:
+    """A count sketch of ``size`` coordinates: each to one of ``SKETCH`` buckets with a random
+    sign, as one index into 2·SKETCH slots (the second half counted negative)."""
     gen = torch.Generator().manual_seed(seed)
     bucket = torch.randint(0, SKETCH, (size,), generator=gen)
-    sign = torch.randint(0, 2, (size,), generator=gen).float() * 2 - 1
-    return bucket, sign
+    negative = torch.randint(0, 2, (size,), generator=gen)
+    return bucket + SKETCH * negative
 
 
-def nearest_twin(As: list[torch.Tensor], seed: int = 0) -> list[float | None]:
+def nearest_twin(As: list[torch.Tensor] | torch.Tensor, seed: int = 0) -> list[float | None]:
     """For each A_t (r_t × d), its largest cosine with another adapter's A of the same shape (None when none).
 
     Compared as flattened matrices (a shared init shares its gauge too), through a common count
     sketch of width 256 when r·d is larger (each coordinate added, with a random sign, into one of
     256 buckets: inner products kept in expectation, one pass over each A and no random matrix of
-    size r·d × 256 to draw or multiply), so the cost is T·r·d + T²·256.
+    size r·d × 256 to draw or multiply), so the cost is T·r·d + T²·256. The sign is a second set of
+    256 slots subtracted at the end, so no signed copy of the A's is made; ``As`` may be one
+    (T, r, d) tensor (all of one shape), which is then not copied either.
     """
+    if isinstance(As, torch.Tensor):
+        groups = {tuple(As.shape[1:]): list(range(As.shape[0]))}
+    else:
+        groups = {}
+        for t, A in enumerate(As):
+            groups.setdefault(tuple(A.shape), []).append(t)
     out: list[float | None] = [None] * len(As)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for t, A in enumerate(As):
-        groups.setdefault(tuple(A.shape), []).append(t)
     for shape, members in groups.items():
         if len(members) < 2:
             continue
-        flat = torch.stack([As[t].reshape(-1) for t in members]).float()
+        if isinstance(As, torch.Tensor):
+            flat = As.reshape(As.shape[0], -1).float()
+        else:
+            flat = torch.stack([As[t].reshape(-1) for t in members]).float()
         if flat.shape[1] > SKETCH:
-            bucket, sign = _hashing(flat.shape[1], seed)
-            bucket, sign = bucket.to(flat.device), sign.to(flat.device)
-            flat = flat.new_zeros(flat.shape[0], SKETCH).index_add_(1, bucket, flat * sign)
+            slots = _hashing(flat.shape[1], seed).to(flat.device)
+            signed = flat.new_zeros(flat.shape[0], 2 * SKETCH).index_add_(1, slots, flat)
+            flat = signed[:, :SKETCH] - signed[:, SKETCH:]
         flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
         cos = flat @ flat.T
         cos.fill_diagonal_(-1.0)

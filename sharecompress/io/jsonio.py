@@ -34,11 +34,13 @@ def nesting_depth(value: object) -> int:
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for key, value in pairs:
-        if key in out:
-            raise JSONProblem(f"key {key!r} appears twice")
-        out[key] = value
+    out = dict(pairs)  # built in C; the loop below runs only to name a key that appears twice
+    if len(out) != len(pairs):
+        seen: set = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise JSONProblem(f"key {key!r} appears twice")
+            seen.add(key)
     return out
 
 

@@ -382,7 +382,8 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
             bad = lambda batch=batch: name_the_bad_tensor(holders_of[batch[0]], batch)  # noqa: E731
             results = compress_stacked(B, A, scales, ranks, per(rule), method, sweeps, per(p), store, device, tick, bad, scratch)
             for g, m in enumerate(batch):  # after the stacks were found finite
-                for a, cosine in zip(holders, nearest_twin([A[g, t, :r] for t, r in enumerate(ranks)])):
+                As = A[g] if len(set(ranks)) == 1 else [A[g, t, :r] for t, r in enumerate(ranks)]
+                for a, cosine in zip(holders, nearest_twin(As)):
                     if cosine is not None:
                         twins[a.name, m] = round(cosine, 4)
             for g, (module, result) in enumerate(zip(batch, results)):
