@@ -148,6 +148,8 @@ def merge(
     from .report.report import render
     from .zoo import Zoo
 
+    gc.freeze()  # what the imports made lives to the end: the collector need not walk it during the merge
+
     with user_errors(), module_progress(not quiet, "merging") as progress:
         path = run_merge(
             sources, zoo, k=k, energy=energy, method=method, sweeps=sweeps, p=p, dtype=dtype,
