@@ -166,3 +166,31 @@ def test_each_shard_says_what_it_holds_and_report_marks_a_partial_zoo(tmp_path):
     joined = runner.invoke(app, ["combine", str(tmp_path / "p1"), str(tmp_path / "p2"), "--zoo", str(tmp_path / "zoo")])
     assert joined.exit_code == 0
     assert "partial" not in runner.invoke(app, ["report", "--zoo", str(tmp_path / "zoo")]).output
+
+
+def test_buffers_reused_across_batches_change_nothing(tmp_path, monkeypatch):
+    """One module per batch (the reader's two sets of buffers and the float64 copies reused dozens of
+    times, across shapes, ranks that differ between modules and zero padding) gives the zoo that one
+    batch per shape gives, sketched modules included."""
+    import importlib
+
+    from sharecompress.core import linalg
+
+    merge_module = importlib.import_module("sharecompress.ops.merge")
+    monkeypatch.setattr(linalg, "EXACT_LIMIT", 6)  # every module is sketched
+    gen = torch.Generator().manual_seed(11)
+    shapes = {f"layers.{i}.{p}": ((24, 20) if p == "q_proj" else (16, 30)) for i in range(3) for p in ("q_proj", "v_proj", "o_proj")}
+    srcs = []
+    for t in range(5):
+        factors, pattern = {}, {}
+        for j, (m, (n, d)) in enumerate(shapes.items()):
+            r = 4 if (t + j) % 3 else 2  # ranks differ between adapters in some modules, not in others
+            factors[m] = (torch.randn(n, r, generator=gen), torch.randn(r, d, generator=gen))
+            pattern[m] = r
+        srcs.append(str(write_peft_adapter(tmp_path / "src" / f"a{t}", factors, dtype=torch.float16,
+                                           config={"r": 4, "rank_pattern": pattern})))
+    whole = sharecompress.merge(srcs, tmp_path / "whole", k=3)
+    monkeypatch.setattr(merge_module, "BATCH_BYTES", 1)  # one module per batch
+    single = sharecompress.merge(srcs, tmp_path / "single", k=3)
+    assert tensors_of(single) == tensors_of(whole)
+    assert single.report()["adapters"] == whole.report()["adapters"]

@@ -108,6 +108,8 @@ class Adapter:
         b, a = self.factors(module, None)
         B[:, : b.shape[1]] = b
         A[: a.shape[0]] = a
+        B[:, b.shape[1] :] = 0  # the stacks' buffers are reused from batch to batch: no stale rank may stay
+        A[a.shape[0] :] = 0
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         return {key: self.file.read(key) for key in self.extras}
