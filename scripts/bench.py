@@ -5,7 +5,7 @@ One run, one machine: every contender runs as its own process on the same synthe
 outside with its peak memory taken from the kernel's accounting of that process (wait4).
 Errors are relative ‖ΔW − ΔŴ‖_F over the whole zoo, measured exactly from factors.
 
-    python scripts/bench.py --adapters 128 --layers 8 --hidden 1024 --rank 16 -k 32
+    python scripts/bench.py --adapters 128 --layers 8 --hidden 1024 --rank 16 -k 32 --repeat 5
     python scripts/bench.py --curve 64,128,256,512 --layers 8 --hidden 1024 --rank 16 -k 32
 
 ``--curve`` measures only the read floor and merge, on the first N adapters of one zoo for
@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,8 @@ def main() -> None:
     ap.add_argument("--baseline-modules", type=int, default=4)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--no-lorashare", action="store_true")
+    ap.add_argument("--no-dense", action="store_true", help="leave out the dense baseline and its small zoo")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of every contender (medians are shown)")
     ap.add_argument("--curve", default=None, help="comma-separated zoo sizes: cost per adapter as the zoo grows")
     args = ap.parse_args()
     if args.curve:
@@ -113,9 +116,17 @@ def main() -> None:
     print(f"zoo: {len(sources)} adapters × {args.layers * 4} modules of {args.hidden}×{args.hidden}, rank {args.rank}, "
           f"fp16, {size / 1e6:.0f} MB; k = {args.k}; torch threads {os.cpu_count()} cores")
 
-    rows = {}
-    rows["read floor (import torch + read every tensor)"] = run([sys.executable, "-c", READ_FLOOR, *sources])
-    rows["sharecompress merge"] = sharecompress_merge(sources, work / "zoo", args.k)
+    def lorashare_run() -> dict:
+        out = work / "lorashare"
+        shutil.rmtree(out, ignore_errors=True)
+        cli = [sys.executable, "-c", "import sys; from lorashare.cli import main; sys.exit(main())"]
+        result = run([*cli, "compress", *sources, "-o", str(out), "-k", str(args.k), "--device", "cpu"])
+        rec = work / "lorashare-rec"
+        shutil.rmtree(rec, ignore_errors=True)
+        run([*cli, "reconstruct", str(out), "--all", "-o", str(rec)])
+        result["relative_error"] = json.loads(run([sys.executable, "-c", LORASHARE_ERROR, str(rec), *sources])["stdout"])["relative_error"]
+        return result
+
     # The dense baseline (materialize each ΔW, stack, SVD) cannot finish on the whole zoo:
     # it and merge both run on a smaller zoo of the same shapes.
     sub_dir = work / f"subset-{args.baseline_adapters}x{args.baseline_modules}x{args.hidden}-r{args.rank}"
@@ -124,35 +135,40 @@ def main() -> None:
         generate(sub_dir, args.baseline_adapters, module_shapes(1, args.hidden, None, targets), args.rank)
     sub_sources = sorted(str(p) for p in sub_dir.iterdir())
     label = f"{len(sub_sources)} adapters × {args.baseline_modules} modules"
-    rows[f"dense baseline ({label})"] = dense = run(
-        [sys.executable, "-c", DENSE_BASELINE, str(args.k), str(args.baseline_modules), *sub_sources])
-    dense["relative_error"] = json.loads(dense["stdout"])["relative_error"]
-    rows[f"sharecompress merge ({label})"] = sub_merge = sharecompress_merge(sub_sources, work / "zoo-sub", args.k)
 
+    def dense_run() -> dict:
+        result = run([sys.executable, "-c", DENSE_BASELINE, str(args.k), str(args.baseline_modules), *sub_sources])
+        result["relative_error"] = json.loads(result["stdout"])["relative_error"]
+        return result
+
+    floor_name, merge_name, ls_name = ("read floor (import torch + read every tensor)", "sharecompress merge",
+                                       "lorashare 0.1.3 compress (same zoo, same k)")
+    contenders = {
+        floor_name: lambda: run([sys.executable, "-c", READ_FLOOR, *sources]),
+        merge_name: lambda: sharecompress_merge(sources, work / "zoo", args.k),
+    }
+    if not args.no_dense:
+        contenders[f"dense baseline ({label})"] = dense_run
+        contenders[f"sharecompress merge ({label})"] = lambda: sharecompress_merge(sub_sources, work / "zoo-sub", args.k)
     if not args.no_lorashare and importlib.util.find_spec("lorashare"):
-        out = work / "lorashare"
-        shutil.rmtree(out, ignore_errors=True)
-        cli = [sys.executable, "-c", "import sys; from lorashare.cli import main; sys.exit(main())"]
-        ls = run([*cli, "compress", *sources, "-o", str(out), "-k", str(args.k), "--device", "cpu"])
-        rec = work / "lorashare-rec"
-        shutil.rmtree(rec, ignore_errors=True)
-        run([*cli, "reconstruct", str(out), "--all", "-o", str(rec)])
-        ls["relative_error"] = json.loads(run([sys.executable, "-c", LORASHARE_ERROR, str(rec), *sources])["stdout"])["relative_error"]
-        rows["lorashare 0.1.3 compress (same zoo, same k)"] = ls
+        contenders[ls_name] = lorashare_run
+    # Each round runs every contender once, in turn, so that a drift of the machine's speed touches
+    # all of them; figures are medians over rounds, and ratios the median of each round's ratio.
+    rounds = [{name: go() for name, go in contenders.items()} for _ in range(args.repeat)]
+    median = lambda values: statistics.median(values)  # noqa: E731
 
-    print("\n| run | wall s | peak MB | relative error |\n|---|---:|---:|---:|")
-    for name, r in rows.items():
-        err = f"{r['relative_error']:.4f}" if "relative_error" in r else "—"
-        print(f"| {name} | {r['wall_s']:.2f} | {r['peak_mb']:.0f} | {err} |")
-    floor = rows["read floor (import torch + read every tensor)"]["wall_s"]
-    merge = rows["sharecompress merge"]
-    sub_merge = rows[f"sharecompress merge ({label})"]
-    print(f"\nmerge / read floor: {merge['wall_s'] / floor:.2f}×")
-    print(f"dense baseline / merge on the small zoo: {dense['wall_s'] / sub_merge['wall_s']:.2f}×")
-    if "lorashare 0.1.3 compress (same zoo, same k)" in rows:
-        ls = rows["lorashare 0.1.3 compress (same zoo, same k)"]
-        print(f"lorashare / merge: {ls['wall_s'] / merge['wall_s']:.2f}× time, "
-              f"{ls['peak_mb'] / merge['peak_mb']:.2f}× peak memory, error {ls['relative_error']:.4f} vs {merge['relative_error']:.4f}")
+    print(f"\n{args.repeat} rounds; medians\n\n| run | wall s | peak MB | relative error |\n|---|---:|---:|---:|")
+    for name in contenders:
+        walls, peaks = [r[name]["wall_s"] for r in rounds], [r[name]["peak_mb"] for r in rounds]
+        err = rounds[-1][name].get("relative_error")
+        print(f"| {name} | {median(walls):.2f} | {median(peaks):.0f} | {'—' if err is None else f'{err:.4f}'} |")
+    ratio = lambda a, b, key="wall_s": median([r[a][key] / r[b][key] for r in rounds])  # noqa: E731
+    print(f"\nmerge / read floor: {ratio(merge_name, floor_name):.2f}×")
+    if not args.no_dense:
+        print(f"dense baseline / merge on the small zoo: {ratio(f'dense baseline ({label})', f'sharecompress merge ({label})'):.2f}×")
+    if ls_name in contenders:
+        print(f"merge / lorashare: {ratio(merge_name, ls_name):.2f}× wall time, {ratio(merge_name, ls_name, 'peak_mb'):.2f}× peak memory; "
+              f"error {rounds[-1][merge_name]['relative_error']:.4f} against {rounds[-1][ls_name]['relative_error']:.4f}")
 
 
 def cost_curve(args, sizes: list[int]) -> None:

@@ -83,6 +83,17 @@ def test_nan_or_inf(tmp_path, value):
     assert_refused(merge(tmp_path, good(tmp_path), src), tmp_path, "NaN or Inf", src / "adapter_model.safetensors")
 
 
+def test_finite_factors_too_large_to_decompose(tmp_path, monkeypatch):
+    """Factors of 1e18 are finite, but the sketch's float32 products overflow: one line, nothing
+    written (it was a LinAlgError traceback: review finding)."""
+    from sharecompress.core import linalg
+
+    monkeypatch.setattr(linalg, "EXACT_LIMIT", 4)  # the sketched path
+    huge = {m: (b * 1e18, a * 1e18) for m, (b, a) in random_factors(MODULES, 2, seed=1).items()}
+    sources = [write_peft_adapter(tmp_path / f"h{i}", {m: (b * (i + 1), a) for m, (b, a) in huge.items()}) for i in range(4)]
+    assert_refused(merge(tmp_path, *sources), tmp_path, "could not be decomposed", "the adapters")
+
+
 def test_lora_a_without_b(tmp_path):
     src = with_tensors(tmp_path, "half", {f"{PREFIX}layers.0.q_proj.lora_A.weight": torch.randn(2, 10)})
     assert_refused(merge(tmp_path, src), tmp_path, "has lora_A but no lora_B", src / "adapter_model.safetensors")

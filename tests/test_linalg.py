@@ -248,3 +248,31 @@ def test_gram_roots_of_singular_and_ill_conditioned_grams():
     R = linalg.gram_roots(G)
     assert torch.allclose(R.mT @ R, G, rtol=1e-9, atol=1e-12 * float(G.abs().max()))
     assert torch.equal(R[0], torch.triu(R[0]))  # Cholesky where it can
+
+
+@pytest.mark.parametrize("sketched", [False, True])
+def test_float64_factors_split_with_condition_1e6_give_the_same_bases(monkeypatch, sketched):
+    """The same updates as (B·G, G⁻¹·A), G non-diagonal with condition number 10⁶, and as a
+    well-conditioned split: the bases agree to 1e-6 on both paths (the sketch once rounded
+    float64 factors and their roots to float32 apart, and lost it to 3e-3: review finding)."""
+    import math
+
+    gen = torch.Generator().manual_seed(0)
+    n, d, r, k0 = 48, 40, 8, 4
+    P = torch.linalg.qr(torch.randn(n, k0, generator=gen, dtype=torch.float64))[0]
+    Q = torch.linalg.qr(torch.randn(d, k0, generator=gen, dtype=torch.float64))[0]
+    ill, well = [], []
+    for _ in range(4):
+        B = P @ torch.randn(k0, r, generator=gen, dtype=torch.float64) + 0.05 * torch.randn(n, r, generator=gen, dtype=torch.float64)
+        A = torch.randn(r, k0, generator=gen, dtype=torch.float64) @ Q.T + 0.05 * torch.randn(r, d, generator=gen, dtype=torch.float64)
+        Q1, Q2 = (torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=torch.float64))[0] for _ in range(2))
+        sv = torch.logspace(0, -6, r, dtype=torch.float64)
+        Bi, Ai = B @ (Q1 @ torch.diag(sv) @ Q2), (Q2.T @ torch.diag(1 / sv) @ Q1.T) @ A
+        ill.append((Bi, Ai))
+        u, s_, vh = torch.linalg.svd(Bi @ Ai, full_matrices=False)
+        well.append((u[:, :r] * s_[:r].sqrt(), s_[:r].sqrt()[:, None] * vh[:r]))
+    if sketched:
+        monkeypatch.setattr(linalg, "EXACT_LIMIT", 6)
+    a, b = (compress_module(f, [1.0] * 4, KRule(k=4), store=torch.float64) for f in (ill, well))
+    sines = torch.linalg.svdvals(a.U.T @ b.U)
+    assert math.sqrt(max(0.0, 1 - float(sines.min()) ** 2)) < 1e-6

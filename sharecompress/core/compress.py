@@ -159,7 +159,10 @@ def sketch(
     the total is Σ_t s_t²·⟨B_tᵀB_t, A_tA_tᵀ⟩, exact.
     """
     BtB, AAt = grams if grams is not None else factor_grams(B, A)
-    RB, RA = linalg.gram_roots(BtB).to(B.dtype), linalg.gram_roots(AAt).to(A.dtype)
+    if B.dtype == torch.float64:  # their Grams are rounded: a QR's R keeps their conditioning (``gram_roots``)
+        RB, RA = linalg.gauge_roots(B.transpose(-1, -2)), linalg.gauge_roots(A)
+    else:
+        RB, RA = linalg.gram_roots(BtB).to(B.dtype), linalg.gram_roots(AAt).to(A.dtype)
     sc = s[..., None, None]
     total = (sc.double().pow(2) * BtB * AAt).sum(dim=(-3, -2, -1))  # the same for both stacks
     return (linalg.range_basis(B.transpose(-1, -2), sc * RA.transpose(-1, -2), widths[0], POWER_ITERS),

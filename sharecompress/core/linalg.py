@@ -42,7 +42,8 @@ def gram_roots(G: torch.Tensor) -> torch.Tensor:
     Such a Gram is exact to float64 rounding (each product of two float32 numbers is exact), so
     its Cholesky factor is as good a gauge root as a float32 QR's R for any split whose condition
     number is below ~10⁸ (the Cholesky's error grows with its square, ε₆₄·κ², the QR's with ε₃₂·κ):
-    a tenth of the QR's time on a LoRA's r ≪ n. A singular Gram (a rank below r, or the zero
+    a tenth of the QR's time on a LoRA's r ≪ n. Not for float64 factors, whose Grams are rounded:
+    there a float64 QR (``gauge_roots``) keeps ε₆₄·κ. A singular Gram (a rank below r, or the zero
     rows that pad a lower rank) takes the symmetric root √Λ·Wᵀ of its eigen-decomposition instead.
     """
     L, info = torch.linalg.cholesky_ex(G)
@@ -130,8 +131,9 @@ def range_basis(rows: torch.Tensor, D: torch.Tensor, width: int, power: int = 2,
     matrix) and a batch of c-sized products with D: no n × T·c copy is made. M·X is taken as the
     transpose of Xᵀ·(rows): the faster orientation of that GEMM (2.8 ms against 3.4 ms for
     2 × 1024 × 2048 by 64 on the 2-core machine).
-    A randomized range finder with ``power`` power iterations, products in float32. A batch of
-    stacks shares one random start, so each gets the basis it would get alone.
+    A randomized range finder with ``power`` power iterations, products in float32 (float64 for
+    float64 factors). A batch of stacks shares one random start, so each gets the basis it would
+    get alone.
 
     Measured and not kept: a randomized block Krylov space of twice the width from half-width
     blocks, cut back by Rayleigh–Ritz, cost 26 ms against 28 ms here and erred less on 128 real-size
@@ -139,8 +141,11 @@ def range_basis(rows: torch.Tensor, D: torch.Tensor, width: int, power: int = 2,
     problem where these iterations come within 10⁻⁶.
     """
     *lead, T, c, n = rows.shape
-    F = rows.float().reshape(*lead, T * c, n)
-    D = D.float()
+    # float64 factors stay float64: rounded apart, rows and D would each carry ε₃₂ times the split's
+    # condition number, which the product of a badly conditioned split does not have (review finding)
+    work = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    F = rows.to(work).reshape(*lead, T * c, n)
+    D = D.to(work)
     m = T * c
     width = min(width, n, m)
 
@@ -151,7 +156,7 @@ def range_basis(rows: torch.Tensor, D: torch.Tensor, width: int, power: int = 2,
         return (D.transpose(-1, -2) @ (F @ Y).unflatten(-2, (T, c))).flatten(-3, -2)
 
     gen = torch.Generator().manual_seed(seed)
-    Y = times(torch.randn(m, width, generator=gen).to(F.device))
+    Y = times(torch.randn(m, width, generator=gen).to(F.device, work))
     for _ in range(power):
         with one_thread():
             Y = torch.linalg.qr(Y)[0]

@@ -378,7 +378,12 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
             per = lambda x: [x[m] for m in batch] if isinstance(x, dict) else x  # noqa: E731  (a budget's per-module k and p)
             tick = (lambda g, base=done, batch=batch: progress(base + g + 1, len(order), batch[g])) if progress else None
             bad = lambda batch=batch: name_the_bad_tensor(holders_of[batch[0]], batch)  # noqa: E731
-            results = compress_stacked(B, A, scales, ranks, per(rule), method, sweeps, per(p), store, device, tick, bad, scratch)
+            try:
+                results = compress_stacked(B, A, scales, ranks, per(rule), method, sweeps, per(p), store, device, tick, bad, scratch)
+            except torch.linalg.LinAlgError as exc:  # finite factors whose products overflow float32, say
+                where = holders[0].source if len(holders) == 1 else "the adapters"
+                raise InputError(where, f"the factors of {', '.join(batch)} could not be decomposed ({str(exc).splitlines()[0]}); "
+                                        "are their magnitudes sane?") from None
             for g, m in enumerate(batch):  # after the stacks were found finite
                 As = A[g] if len(set(ranks)) == 1 else [A[g, t, :r] for t, r in enumerate(ranks)]
                 for a, cosine in zip(holders, nearest_twin(As)):
