@@ -190,14 +190,19 @@ def top_right(
     return top_left(A.transpose(-1, -2), B.transpose(-1, -2), s, k, warm=warm, max_iter=max_iter)
 
 
-def _from_gram(gram: torch.Tensor, k: int, total: float, seed: int = 0) -> Subspace:
-    """The top-k eigenvectors of a stack's n × n Gram, as ``_exact`` takes them when n is the smaller side."""
+def _eigen(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A Gram's eigenvalues and vectors, largest first, and how many of the top k are not rounding noise."""
     with one_thread():
         evals, evecs = torch.linalg.eigh(gram)
     evals = evals.flip(0).clamp_min(0.0)
     evecs = evecs.flip(1)
     top = float(evals[0]) if evals.numel() else 0.0
-    valid = int((evals[:k] > _NOISE_FLOOR * top).sum()) if top > 0 else 0
+    return evals, evecs, int((evals[:k] > _NOISE_FLOOR * top).sum()) if top > 0 else 0
+
+
+def _from_gram(gram: torch.Tensor, k: int, total: float, seed: int = 0) -> Subspace:
+    """The top-k eigenvectors of a stack's n × n Gram, as ``_exact`` takes them when n is the smaller side."""
+    evals, evecs, valid = _eigen(gram, k)
     return Subspace(complete_basis(evecs[:, :valid], gram.shape[0], k, seed), evals, total)
 
 
@@ -205,13 +210,7 @@ def _exact(flat: torch.Tensor, k: int, total: float, seed: int) -> Subspace:
     n, m = flat.shape
     if m > n:
         return _from_gram(flat @ flat.T, k, total, seed)
-    gram = flat.T @ flat
-    with one_thread():
-        evals, evecs = torch.linalg.eigh(gram)
-    evals = evals.flip(0).clamp_min(0.0)
-    evecs = evecs.flip(1)
-    top = float(evals[0]) if evals.numel() else 0.0
-    valid = int((evals[:k] > _NOISE_FLOOR * top).sum()) if top > 0 else 0
+    evals, evecs, valid = _eigen(flat.T @ flat, k)
     basis = flat @ (evecs[:, :valid] / evals[:valid].sqrt())
     if valid:
         basis = torch.linalg.qr(basis)[0]
