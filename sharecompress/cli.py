@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import gc
-
 import json
 import sys
 from contextlib import contextmanager

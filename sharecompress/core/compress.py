@@ -155,7 +155,7 @@ def sketch(
     is one batched call, and each module's result equals what it would get alone.
     The stacks of ``left_blocks`` and ``right_blocks`` stay factored (``linalg.range_basis``): with
     B_tᵀB_t = R_BᵀR_B and A_tA_tᵀ = R_AᵀR_A (``linalg.gram_roots`` of ``grams``, the float64
-    ``factor_grams``), the left one is [s_t·B_t·R_Aᵀ]_t and the right one [s_t·A_tᵀ·R_Bᵀ]_t;
+    ``factor_grams``; a float64 QR for float64 factors), the left one is [s_t·B_t·R_Aᵀ]_t and the right one [s_t·A_tᵀ·R_Bᵀ]_t;
     the total is Σ_t s_t²·⟨B_tᵀB_t, A_tA_tᵀ⟩, exact.
     """
     BtB, AAt = grams if grams is not None else factor_grams(B, A)
@@ -319,8 +319,9 @@ def compress_stacked(
     ``rule`` and ``p`` are one for all, or one per module (a budget gives each its own k and p).
     ``scratch``: buffers for the batch's float64 copies, kept for the next batch (a merge's); nothing
     returned refers to them.
-    The stacks are checked for NaN or Inf once, on the device (a sum is not finite when any element
-    is not); ``not_finite`` is called then, to name the file (it raises), else ValueError.
+    The stacks are checked for NaN or Inf once, on the device, through their float64 Grams (a
+    diagonal entry, a sum of squares, is not finite when any element of its factor is not);
+    ``not_finite`` is called then, to name the file (it raises), else ValueError.
     """
     G = B.shape[0]
     rules = rule if isinstance(rule, list) else [rule] * G

@@ -25,8 +25,9 @@ def left_blocks(B: torch.Tensor, A: torch.Tensor, s: torch.Tensor) -> torch.Tens
 
     Thin QR of A_tᵀ = Q_t R_t gives A_t A_tᵀ = R_tᵀ R_t, so X_t = s_t B_t R_tᵀ: the left
     singular subspace no longer depends on how B·A was split (gauge invariance). A Cholesky of the
-    r × r Gram is ten times faster but squares A's condition number: measured, it let a badly
-    conditioned split (B·D⁻¹, D·A) change the bases, so the QR stays.
+    r × r Gram in the factors' own float32 squares A's condition number: measured, it let a badly
+    conditioned split (B·D⁻¹, D·A) change the bases, so the QR stays here (the sketch takes the
+    Cholesky of float64 Grams instead, ``gram_roots``).
     """
     return s[..., None, None] * (B @ gauge_roots(A).transpose(-1, -2))
 
@@ -136,8 +137,8 @@ def range_basis(rows: torch.Tensor, D: torch.Tensor, width: int, power: int = 2,
     get alone.
 
     Measured and not kept: a randomized block Krylov space of twice the width from half-width
-    blocks, cut back by Rayleigh–Ritz, cost 26 ms against 28 ms here and erred less on 128 real-size
-    adapters, but its float32 Ritz step left the bases 2·10⁻⁵ from the exact ones on a small gapped
+    blocks, cut back by Rayleigh–Ritz, cost 26 ms against 28 ms here and erred less on the benchmark's
+    128 adapters, but its float32 Ritz step left the bases 2·10⁻⁵ from the exact ones on a small gapped
     problem where these iterations come within 10⁻⁶.
     """
     *lead, T, c, n = rows.shape
