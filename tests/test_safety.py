@@ -234,27 +234,6 @@ def test_force_replaces_only_a_zoo_or_an_empty_directory(tmp_path, sentinel):
     assert hidden_leftovers(tmp_path) == []
 
 
-def test_the_format_marker_decides_whether_force_may_replace(tmp_path):
-    """Our manifests begin with the marker, which is then read without parsing the rest (a zoo whose
-    manifest was cut short is still ours); one that does not begin so is parsed whole; a manifest
-    of another format, or without the marker anywhere, is refused."""
-    paths = adapters(tmp_path)
-    zoo = tmp_path / "zoo"
-    sharecompress.merge(paths, zoo, k=2)
-    manifest = zoo / "manifest.json"
-    text = manifest.read_text()
-    assert text.startswith('{"format":"sharecompress-zoo",')
-    manifest.write_text(text[: len(text) // 2])  # cut short: still marked
-    assert cli("merge", *paths, "--zoo", zoo, "--force", "-k", "2").exit_code == 0
-    data = json.loads(manifest.read_text())
-    manifest.write_text(json.dumps({"zz": 1, **{k: v for k, v in data.items() if k != "format"}, "format": "sharecompress-zoo"}))
-    assert cli("merge", *paths, "--zoo", zoo, "--force", "-k", "2").exit_code == 0  # marked, elsewhere: parsed
-    for other in ('{"format":"sharecompress-zoo2","x":1}', '{"format" : "other"}', '{"formats":"sharecompress-zoo",'):
-        manifest.write_text(other)
-        refused(cli("merge", *paths, "--zoo", zoo, "--force", "-k", "2"), "not a sharecompress zoo")
-        assert manifest.read_text() == other
-
-
 def test_combine_force_replaces_only_a_zoo(tmp_path, sentinel):
     paths = adapters(tmp_path)
     for i in (1, 2):

@@ -108,9 +108,6 @@ def refuse_partial(path: Path, manifest: dict) -> None:
         raise ZooError(path, f"a partial zoo (shard {shard['index']}/{shard['count']}): join the parts with `sharecompress combine` first")
 
 
-_MARKED = b'{"format":"' + FORMAT.encode() + b'",'  # how ``manifest_bytes`` begins every manifest
-
-
 def replaceable_zoo(target: Path) -> None:
     """Accept ``target`` for ``--force`` replacement only when it is an empty directory, or a zoo
     (a manifest with the format marker, valid or not) holding nothing but the files the tool
@@ -127,10 +124,7 @@ def replaceable_zoo(target: Path) -> None:
         if root.lstat(MANIFEST) is None:
             raise ZooError(target, "exists and is not a sharecompress zoo (no manifest.json); refusing to replace it")
         try:  # the format marker is what makes it a zoo: a zoo whose fields are broken may still be replaced
-            raw = root.read(MANIFEST, MAX_MANIFEST_BYTES)
-            # our writer puts the marker first: then the rest need not be parsed (it is checked twice per
-            # replacement, and a 1,000-adapter zoo's manifest is tens of MB); anything else is parsed
-            marked = {"format": FORMAT} if raw.startswith(_MARKED) else jsonio.loads(raw, allow_infinity=True)
+            marked = jsonio.loads(root.read(MANIFEST, MAX_MANIFEST_BYTES), allow_infinity=True)
         except (ShareError, jsonio.JSONProblem) as exc:
             raise ZooError(target, f"exists and is not a sharecompress zoo ({getattr(exc, 'problem', exc)}); refusing to replace it") from None
         if not isinstance(marked, dict) or marked.get("format") != FORMAT:
