@@ -57,6 +57,10 @@ def user_errors() -> Iterator[None]:
         raise fail(f"{where}: {exc.strerror or exc}") from None
     except KeyboardInterrupt:
         raise fail("interrupted; nothing was written", 130) from None
+    except RuntimeError as exc:  # torch.linalg.LinAlgError, without importing torch here: finite factors
+        if "LinAlgError" not in type(exc).__name__:  # too large to decompose (a merge names the module itself)
+            raise
+        raise fail(f"the factors could not be decomposed ({str(exc).splitlines()[0]}); are their magnitudes sane?") from None
 
 
 @contextmanager

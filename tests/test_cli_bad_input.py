@@ -83,15 +83,15 @@ def test_nan_or_inf(tmp_path, value):
     assert_refused(merge(tmp_path, good(tmp_path), src), tmp_path, "NaN or Inf", src / "adapter_model.safetensors")
 
 
-def test_finite_factors_too_large_to_decompose(tmp_path, monkeypatch):
-    """Factors of 1e18 are finite, but the sketch's float32 products overflow: one line, nothing
-    written (it was a LinAlgError traceback: review finding)."""
-    from sharecompress.core import linalg
-
-    monkeypatch.setattr(linalg, "EXACT_LIMIT", 4)  # the sketched path
-    huge = {m: (b * 1e18, a * 1e18) for m, (b, a) in random_factors(MODULES, 2, seed=1).items()}
-    sources = [write_peft_adapter(tmp_path / f"h{i}", {m: (b * (i + 1), a) for m, (b, a) in huge.items()}) for i in range(4)]
-    assert_refused(merge(tmp_path, *sources), tmp_path, "could not be decomposed", "the adapters")
+@pytest.mark.parametrize("extra", [(), ("--budget", "2kB")])
+def test_finite_factors_too_large_to_decompose(tmp_path, extra):
+    """float64 factors of 1e160 are finite, but their Grams overflow: one line, nothing written (it
+    was a LinAlgError traceback, with a budget too: review findings)."""
+    sources = [write_peft_adapter(tmp_path / f"h{i}", {m: (b.double() * 1e160 * (i + 1), a.double()) for m, (b, a)
+                                                       in random_factors(MODULES, 2, seed=i).items()}, dtype=torch.float64)
+               for i in range(4)]
+    args = ["merge", *map(str, sources), "--zoo", str(tmp_path / "zoo"), *(extra or ("-k", "2"))]
+    assert_refused(runner.invoke(app, args), tmp_path, "could not be decomposed", "" if extra else "the adapters")
 
 
 def test_lora_a_without_b(tmp_path):

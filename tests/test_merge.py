@@ -325,3 +325,29 @@ def test_mixed_dtypes_within_a_module_and_half_precision_products(tmp_path):
         (E, F), (U, V) = zoo.cores(name)[PREFIX + "q_proj"], bases[PREFIX + "q_proj"]
         exact = float((want - U.double() @ E.double() @ F.double() @ V.double().T).norm() / want.norm())
         assert zoo.report()["adapters"][zoo.names.index(name)]["relative_error"] == pytest.approx(exact, rel=1e-7)
+
+
+@pytest.mark.parametrize("sketched", [False, True])
+def test_relative_errors_do_not_depend_on_the_factors_scale(tmp_path, monkeypatch, sketched):
+    """Every factor times 1e-30, 1e-25 or 1e18 (all finite in float32): the same relative errors and
+    cosines as at scale 1 (review findings: float32 products underflowed or overflowed, and a tiny
+    lora_A's cosine came out above 1 and the merge refused its own manifest)."""
+    from factories import random_factors, write_peft_adapter
+
+    if sketched:
+        from sharecompress.core import linalg
+
+        monkeypatch.setattr(linalg, "EXACT_LIMIT", 4)
+    modules = {"layers.0.q_proj": (12, 10), "layers.0.v_proj": (12, 10)}
+    figures = {}
+    for scale in (1.0, 1e-30, 1e-25, 1e18):
+        sources = []
+        for i in range(4):
+            factors = {m: (b * scale * (i + 1), a * scale) for m, (b, a) in random_factors(modules, 2, seed=i).items()}
+            sources.append(str(write_peft_adapter(tmp_path / f"s{scale:g}" / f"a{i}", factors)))
+        report = sharecompress.merge(sources, tmp_path / f"zoo{scale:g}", k=2).report()["adapters"]
+        figures[scale] = [(a["relative_error"], a["init_similarity"]) for a in report]
+    for scale, got in figures.items():
+        for (err, cos), (err1, cos1) in zip(got, figures[1.0]):
+            assert err == pytest.approx(err1, rel=1e-5), scale
+            assert cos == pytest.approx(cos1, abs=1e-5) and cos <= 1.0, scale

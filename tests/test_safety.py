@@ -234,6 +234,44 @@ def test_force_replaces_only_a_zoo_or_an_empty_directory(tmp_path, sentinel):
     assert hidden_leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("moment, swap_in", [("compute", "directory"), ("compute", "link"), ("before-swap", "directory")])
+def test_a_directory_moved_into_the_zoos_place_is_never_replaced_nor_written(tmp_path, monkeypatch, moment, swap_in):
+    """While `merge --force` computes, or between its last check and the swap, someone moves the
+    zoo aside and puts their own directory (or a link to it) in its place: refused, and that
+    directory keeps exactly its files, without even a lock file (review findings: the lock was
+    made through the link or in the stranger's directory, and a directory moved in just before
+    the swap was deleted)."""
+    import importlib
+
+    storage = importlib.import_module("sharecompress.store.storage")
+    merge_module = importlib.import_module("sharecompress.ops.merge")
+    paths = adapters(tmp_path)
+    zoo = tmp_path / "zoo"
+    sharecompress.merge(paths, zoo, k=2)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+
+    def move_in():
+        zoo.rename(tmp_path / "zoo.aside")
+        if swap_in == "link":
+            zoo.symlink_to(mine, target_is_directory=True)
+        else:
+            mine.rename(zoo)
+
+    if moment == "compute":
+        build = merge_module._build
+        monkeypatch.setattr(merge_module, "_build", lambda *a, **k: (move_in(), build(*a, **k))[1])
+    else:
+        pause = storage.pause_point
+        monkeypatch.setattr(storage, "pause_point", lambda step: move_in() if step == "before-swap" else pause(step))
+    refused(cli("merge", *paths, "--zoo", zoo, "--force", "-k", "2"), "zoo")
+    theirs = zoo if swap_in == "directory" else mine
+    assert sorted(p.name for p in theirs.iterdir()) == ["thesis.tex"] and (theirs / "thesis.tex").read_text() == "precious"
+    assert Zoo.open(tmp_path / "zoo.aside").names == ["a0", "a1", "a2"]  # the zoo moved aside is untouched too
+    assert hidden_leftovers(tmp_path) == []
+
+
 def test_combine_force_replaces_only_a_zoo(tmp_path, sentinel):
     paths = adapters(tmp_path)
     for i in (1, 2):

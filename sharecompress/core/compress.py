@@ -162,11 +162,17 @@ def sketch(
     if B.dtype == torch.float64:  # their Grams are rounded: a QR's R keeps their conditioning (``gram_roots``)
         RB, RA = linalg.gauge_roots(B.transpose(-1, -2)), linalg.gauge_roots(A)
     else:
-        RB, RA = linalg.gram_roots(BtB).to(B.dtype), linalg.gram_roots(AAt).to(A.dtype)
-    sc = s[..., None, None]
-    total = (sc.double().pow(2) * BtB * AAt).sum(dim=(-3, -2, -1))  # the same for both stacks
-    return (linalg.range_basis(B.transpose(-1, -2), sc * RA.transpose(-1, -2), widths[0], POWER_ITERS),
-            linalg.range_basis(A, sc * RB.transpose(-1, -2), widths[1], POWER_ITERS), total)
+        RB, RA = linalg.gram_roots(BtB), linalg.gram_roots(AAt)
+    sc = s[..., None, None].double()
+    total = (sc.pow(2) * BtB * AAt).sum(dim=(-3, -2, -1))  # the same for both stacks
+    # The bases do not change with the stacks' scale, but float32 products of factors of 1e-30 (or
+    # 1e18) leave its range: the r × r blocks are divided by max_t |s_t|·‖B_t‖·‖A_t‖ (column norms
+    # from the Grams), which keeps every product of the range finder near the factors' own size.
+    norms = (BtB.diagonal(dim1=-2, dim2=-1).amax(-1) * AAt.diagonal(dim1=-2, dim2=-1).amax(-1)).sqrt()
+    unit = (norms * s.double().abs()).amax(-1)
+    unit = torch.where(unit > 0, unit, torch.ones_like(unit))[..., None, None, None]
+    return (linalg.range_basis(B.transpose(-1, -2), (sc * RA.transpose(-1, -2) / unit).to(B.dtype), widths[0], POWER_ITERS),
+            linalg.range_basis(A, (sc * RB.transpose(-1, -2) / unit).to(A.dtype), widths[1], POWER_ITERS), total)
 
 
 def module_bases(

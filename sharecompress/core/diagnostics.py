@@ -53,8 +53,9 @@ def nearest_twin(As: list[torch.Tensor] | torch.Tensor, seed: int = 0) -> list[f
             slots = _hashing(flat.shape[1], seed).to(flat.device)
             signed = flat.new_zeros(flat.shape[0], 2 * SKETCH).index_add_(1, slots, flat)
             flat = signed[:, :SKETCH] - signed[:, SKETCH:]
-        flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        cos = flat @ flat.T
+        flat = flat.double()  # the squares of tiny factors underflow float32: the norm would be 0
+        flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        cos = (flat @ flat.T).clamp(-1.0, 1.0)
         cos.fill_diagonal_(-1.0)
         for i, value in zip(range(len(members)), cos.max(dim=1).values.tolist()):
             out[members[i]] = value

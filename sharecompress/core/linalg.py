@@ -176,8 +176,8 @@ def top_left(
     with no QR of any factor: the same matrix, rounded in float64 instead of through R_t.
     """
     T, n, r = B.shape
-    if not (n < T * r and n <= max(EXACT_LIMIT, 2 * (k + OVERSAMPLE))):
-        return top_subspace(left_blocks(B, A, s), k, warm=warm, max_iter=max_iter)
+    if not (n < T * r and n <= max(EXACT_LIMIT, 2 * (k + OVERSAMPLE))):  # blocks in float64: B·Rᵀ of tiny
+        return top_subspace(left_blocks(B.double(), A.double(), s.double()), k, warm=warm, max_iter=max_iter)  # factors underflows float32
     B64, A64 = B.double(), A.double()
     H = s.double().pow(2)[:, None, None] * (A64 @ A64.mT)  # (T, r, r)
     gram = torch.einsum("tnr,tmr->nm", B64 @ H, B64)

@@ -383,7 +383,7 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
             except torch.linalg.LinAlgError as exc:  # finite factors whose products overflow float32, say
                 where = holders[0].source if len(holders) == 1 else "the adapters"
                 raise InputError(where, f"the factors of {', '.join(batch)} could not be decomposed ({str(exc).splitlines()[0]}); "
-                                        "are their magnitudes sane?") from None
+                                        "are their magnitudes sane?") from exc
             for g, m in enumerate(batch):  # after the stacks were found finite
                 As = A[g] if len(set(ranks)) == 1 else [A[g, t, :r] for t, r in enumerate(ranks)]
                 for a, cosine in zip(holders, nearest_twin(As)):

@@ -91,8 +91,10 @@ class WriterLock:
     ``root`` is that directory, open, for the holder's own reads and writes.
     """
 
-    def __init__(self, zoo: Path, timeout: float = 30.0, waiting: Callable[[str], None] | None = None) -> None:
+    def __init__(self, zoo: Path, timeout: float = 30.0, waiting: Callable[[str], None] | None = None,
+                 follow: bool = True) -> None:
         self.zoo = Path(zoo)
+        self.follow = follow  # False: a zoo path that is a symbolic link is refused, never locked through
         self.path = self.zoo / LOCK
         self.timeout = timeout
         self.waiting = waiting
@@ -103,7 +105,7 @@ class WriterLock:
         deadline = time.monotonic() + self.timeout
         said = False
         while True:
-            root = Dir.open(self.zoo)
+            root = Dir.open(self.zoo, follow=self.follow)
             try:
                 fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=root.fd)
             except OSError as exc:
@@ -238,9 +240,12 @@ def remove_tree(parent: Dir, name: str) -> None:
 def publish_directory(parent: Dir, staged: str, target: Path, replace: Callable[[Path], None] | None, lock: bool) -> None:
     """Put directory ``staged`` (in ``parent``) at ``target``, atomically.
 
-    When ``target`` exists, ``replace(target)`` must accept it (it raises otherwise), checked
-    again under the zoo's writer lock when ``lock``; the two directories are then exchanged in
-    one step and the old one removed. A target created meanwhile by someone else is not replaced.
+    When ``target`` exists, ``replace(target)`` must accept it (it raises otherwise): before the
+    zoo's writer lock is taken (so that no lock file is made in a directory that is not a zoo, nor
+    through a link) and again under it when ``lock``; the two directories are then exchanged in
+    one step and the old one removed, once it is known to be the very directory that was checked:
+    one moved into the target's place meanwhile is put back, and nothing is replaced. A target
+    created meanwhile by someone else is not replaced either.
     """
     leaf = target.name
     if parent.lstat(leaf) is None:
@@ -257,17 +262,28 @@ def publish_directory(parent: Dir, staged: str, target: Path, replace: Callable[
         return
     if replace is None:
         raise ZooError(target, "already exists; pass --force to replace it")
-    with WriterLock(target) if lock else nullcontext():
+    replace(target)
+    with WriterLock(target, follow=False) if lock else nullcontext():
+        checked = parent.lstat(leaf)
         replace(target)
         pause_point("before-swap")
         try:
-            if not _renameat2(parent, staged, leaf, _RENAME_EXCHANGE):
-                _swap_by_renames(parent, staged, leaf)
+            _exchange(parent, staged, leaf)
+            gone = parent.lstat(staged)
+            if checked is None or gone is None or (gone.st_dev, gone.st_ino) != (checked.st_dev, checked.st_ino):
+                _exchange(parent, staged, leaf)  # not what was checked: it goes back where it was
+                raise ZooError(target, "was replaced by another directory while this command ran; nothing was replaced")
         except OSError as exc:
             raise StorageError(target, os_problem(exc)) from None
         parent.fsync()
         pause_point("after-swap")
     remove_tree(parent, staged)  # now the old content
+
+
+def _exchange(parent: Dir, a: str, b: str) -> None:
+    """Swap two names in ``parent``: atomically where the kernel can, else by three renames."""
+    if not _renameat2(parent, a, b, _RENAME_EXCHANGE):
+        _swap_by_renames(parent, a, b)
 
 
 def _swap_by_renames(parent: Dir, staged: str, leaf: str) -> None:
