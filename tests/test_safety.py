@@ -272,6 +272,23 @@ def test_a_directory_moved_into_the_zoos_place_is_never_replaced_nor_written(tmp
     assert hidden_leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("text", ['{"format":"sharecompress-zoo","x":1}\n{"user":"log line"}',
+                                  '{"format":"sharecompress-zoo","format":"other-tool"}',
+                                  '{"format":"sharecompress-zoo","x":NaN}',
+                                  '{"format":"sharecompress-zoo",'])
+def test_force_refuses_a_manifest_that_only_begins_like_ours(tmp_path, text):
+    """What makes a directory a zoo is a manifest that parses, with our format: a file that merely
+    begins like one is refused, and the directory keeps its files (review finding on a shortcut
+    that read only the first bytes, since reverted)."""
+    paths = adapters(tmp_path)
+    target = tmp_path / "theirs"
+    (target / "adapters").mkdir(parents=True)
+    (target / "adapters" / "my_lora.safetensors").write_bytes(b"mine")
+    (target / "manifest.json").write_text(text)
+    refused(cli("merge", *paths, "--zoo", target, "--force", "-k", "2"), "not a sharecompress zoo")
+    assert (target / "manifest.json").read_text() == text and (target / "adapters" / "my_lora.safetensors").read_bytes() == b"mine"
+
+
 def test_combine_force_replaces_only_a_zoo(tmp_path, sentinel):
     paths = adapters(tmp_path)
     for i in (1, 2):
