@@ -272,6 +272,43 @@ def test_a_directory_moved_into_the_zoos_place_is_never_replaced_nor_written(tmp
     assert hidden_leftovers(tmp_path) == []
 
 
+def test_a_directory_moved_in_that_cannot_be_put_back_is_kept(tmp_path, monkeypatch):
+    """The directory moved into the zoo's place is found after the exchange and cannot be swapped
+    back (the second exchange fails): it is moved out of the staging name, which a later cleanup
+    would remove, and the error says where it is."""
+    import errno as errno_module
+    import importlib
+
+    storage = importlib.import_module("sharecompress.store.storage")
+    paths = adapters(tmp_path)
+    zoo = tmp_path / "zoo"
+    sharecompress.merge(paths, zoo, k=2)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    pause, exchange, calls = storage.pause_point, storage._exchange, []
+
+    def move_in(step):
+        if step == "before-swap":
+            zoo.rename(tmp_path / "zoo.aside")
+            mine.rename(zoo)
+        return pause(step)
+
+    def exchange_once(parent, a, b):
+        calls.append((a, b))
+        if len(calls) > 1:
+            raise OSError(errno_module.EIO, "I/O error")
+        return exchange(parent, a, b)
+
+    monkeypatch.setattr(storage, "pause_point", move_in)
+    monkeypatch.setattr(storage, "_exchange", exchange_once)
+    line = refused(cli("merge", *paths, "--zoo", zoo, "--force", "-k", "2"), "could not be put back", "nothing was deleted")
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".zoo.moved-")]
+    assert len(kept) == 1 and str(kept[0]) in line
+    assert sorted(p.name for p in kept[0].iterdir()) == ["thesis.tex"]
+    assert storage.remove_stale_staging(storage.Dir.open(tmp_path), zoo) == []  # no cleanup takes it
+
+
 @pytest.mark.parametrize("text", ['{"format":"sharecompress-zoo","x":1}\n{"user":"log line"}',
                                   '{"format":"sharecompress-zoo","format":"other-tool"}',
                                   '{"format":"sharecompress-zoo","x":NaN}',

@@ -269,15 +269,37 @@ def publish_directory(parent: Dir, staged: str, target: Path, replace: Callable[
         pause_point("before-swap")
         try:
             _exchange(parent, staged, leaf)
-            gone = parent.lstat(staged)
-            if checked is None or gone is None or (gone.st_dev, gone.st_ino) != (checked.st_dev, checked.st_ino):
-                _exchange(parent, staged, leaf)  # not what was checked: it goes back where it was
-                raise ZooError(target, "was replaced by another directory while this command ran; nothing was replaced")
         except OSError as exc:
             raise StorageError(target, os_problem(exc)) from None
+        gone = parent.lstat(staged)
+        if checked is None or gone is None or (gone.st_dev, gone.st_ino) != (checked.st_dev, checked.st_ino):
+            _put_back(parent, staged, leaf, target)  # not what was checked: it goes back where it was
+            raise ZooError(target, "was replaced by another directory while this command ran; nothing was replaced")
         parent.fsync()
         pause_point("after-swap")
     remove_tree(parent, staged)  # now the old content
+
+
+class KeepStaging(StorageError):
+    """The staging name holds a directory that is not ours: whoever cleans up must leave it."""
+
+
+def _put_back(parent: Dir, staged: str, leaf: str, target: Path) -> None:
+    """Swap a directory that was moved into ``target``'s place back there; should that fail, move it
+    out of the staging name (which a cleanup would remove) and say where it is."""
+    try:
+        _exchange(parent, staged, leaf)
+        return
+    except OSError as exc:
+        problem = os_problem(exc)
+    rescued = hidden_name(target, "moved")
+    try:
+        os.rename(staged, rescued, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
+        where = parent.path / rescued
+    except OSError:
+        where = parent.path / staged
+    raise KeepStaging(target, f"was replaced by another directory while this command ran, which could not be put "
+                              f"back ({problem}): it is at {where}, the new zoo at {target}; nothing was deleted")
 
 
 def _exchange(parent: Dir, a: str, b: str) -> None:
@@ -340,7 +362,8 @@ def staged_directory(
             publish_directory(parent, name, target, replace, lock)
         except StorageError as exc:
             staging.close()
-            remove_tree(parent, name)
+            if not isinstance(exc, KeepStaging):
+                remove_tree(parent, name)
             if exc.path.startswith(str(parent.path / name)):  # name the target, not the hidden staging name
                 raise StorageError(target, exc.problem) from None
             raise
