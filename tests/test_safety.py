@@ -234,6 +234,26 @@ def test_force_replaces_only_a_zoo_or_an_empty_directory(tmp_path, sentinel):
     assert hidden_leftovers(tmp_path) == []
 
 
+def zoo_and_a_stranger(tmp_path):
+    """Adapters, a zoo of them, and someone's directory of their own beside it."""
+    paths = adapters(tmp_path)
+    zoo = tmp_path / "zoo"
+    sharecompress.merge(paths, zoo, k=2)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    return paths, zoo, mine
+
+
+def move_into_place(zoo, mine, link=False):
+    """The zoo moved aside (to zoo.aside), the stranger's directory (or a link to it) in its place."""
+    zoo.rename(zoo.with_name("zoo.aside"))
+    if link:
+        zoo.symlink_to(mine, target_is_directory=True)
+    else:
+        mine.rename(zoo)
+
+
 @pytest.mark.parametrize("moment, swap_in", [("compute", "directory"), ("compute", "link"), ("before-swap", "directory")])
 def test_a_directory_moved_into_the_zoos_place_is_never_replaced_nor_written(tmp_path, monkeypatch, moment, swap_in):
     """While `merge --force` computes, or between its last check and the swap, someone moves the
@@ -243,22 +263,11 @@ def test_a_directory_moved_into_the_zoos_place_is_never_replaced_nor_written(tmp
     the swap was deleted)."""
     import importlib
 
-    storage = importlib.import_module("sharecompress.store.storage")
+    from sharecompress.store import storage
+
     merge_module = importlib.import_module("sharecompress.ops.merge")
-    paths = adapters(tmp_path)
-    zoo = tmp_path / "zoo"
-    sharecompress.merge(paths, zoo, k=2)
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "thesis.tex").write_text("precious")
-
-    def move_in():
-        zoo.rename(tmp_path / "zoo.aside")
-        if swap_in == "link":
-            zoo.symlink_to(mine, target_is_directory=True)
-        else:
-            mine.rename(zoo)
-
+    paths, zoo, mine = zoo_and_a_stranger(tmp_path)
+    move_in = lambda: move_into_place(zoo, mine, link=swap_in == "link")  # noqa: E731
     if moment == "compute":
         build = merge_module._build
         monkeypatch.setattr(merge_module, "_build", lambda *a, **k: (move_in(), build(*a, **k))[1])
@@ -276,37 +285,25 @@ def test_a_directory_moved_in_that_cannot_be_put_back_is_kept(tmp_path, monkeypa
     """The directory moved into the zoo's place is found after the exchange and cannot be swapped
     back (the second exchange fails): it is moved out of the staging name, which a later cleanup
     would remove, and the error says where it is."""
-    import errno as errno_module
-    import importlib
+    from sharecompress.store import storage
 
-    storage = importlib.import_module("sharecompress.store.storage")
-    paths = adapters(tmp_path)
-    zoo = tmp_path / "zoo"
-    sharecompress.merge(paths, zoo, k=2)
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "thesis.tex").write_text("precious")
+    paths, zoo, mine = zoo_and_a_stranger(tmp_path)
     pause, exchange, calls = storage.pause_point, storage._exchange, []
-
-    def move_in(step):
-        if step == "before-swap":
-            zoo.rename(tmp_path / "zoo.aside")
-            mine.rename(zoo)
-        return pause(step)
 
     def exchange_once(parent, a, b):
         calls.append((a, b))
         if len(calls) > 1:
-            raise OSError(errno_module.EIO, "I/O error")
+            raise OSError(errno.EIO, "I/O error")
         return exchange(parent, a, b)
 
-    monkeypatch.setattr(storage, "pause_point", move_in)
+    monkeypatch.setattr(storage, "pause_point", lambda step: move_into_place(zoo, mine) if step == "before-swap" else pause(step))
     monkeypatch.setattr(storage, "_exchange", exchange_once)
     line = refused(cli("merge", *paths, "--zoo", zoo, "--force", "-k", "2"), "could not be put back", "nothing was deleted")
     kept = [p for p in tmp_path.iterdir() if p.name.startswith(".zoo.moved-")]
     assert len(kept) == 1 and str(kept[0]) in line
     assert sorted(p.name for p in kept[0].iterdir()) == ["thesis.tex"]
-    assert storage.remove_stale_staging(storage.Dir.open(tmp_path), zoo) == []  # no cleanup takes it
+    with storage.Dir.open(tmp_path) as parent:
+        assert storage.remove_stale_staging(parent, zoo) == []  # no cleanup takes it
 
 
 @pytest.mark.parametrize("text", ['{"format":"sharecompress-zoo","x":1}\n{"user":"log line"}',
