@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .linalg import factor_grams
 from .residual import factored_norm2
 
 f64 = torch.float64
@@ -80,7 +81,7 @@ def merge_parts(U: torch.Tensor, V: torch.Tensor, P: torch.Tensor, Q: torch.Tens
     Qt = Q @ torch.linalg.solve_triangular(RV, eye_v, upper=True)  # A·Q_V  (T, r, k)
     s1 = s[:, None, None]
     inside = s1 * (Pt @ Qt) - RU @ E @ F @ RV.T
-    BtB, AAt = grams if grams is not None else (B.to(f64).mT @ B.to(f64), A.to(f64) @ A.to(f64).mT)
+    BtB, AAt = grams if grams is not None else factor_grams(B, A)
     BB, AA = s1 * s1 * BtB, AAt
     BBin, AAin = s1 * s1 * (Pt.mT @ Pt), Qt @ Qt.mT
     inner = lambda G, H: (G * H).sum(dim=(-2, -1))  # noqa: E731

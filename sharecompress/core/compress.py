@@ -138,13 +138,6 @@ def needs_sketch(n: int, d: int, total_rank: int, method: str) -> bool:
     return method != "paper" and min(n, d, total_rank) > linalg.EXACT_LIMIT
 
 
-def factor_grams(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(BᵀB, AAᵀ) per adapter in float64, batched: the exact errors, the gauge roots and the
-    finiteness check all read them."""
-    B64, A64 = B.to(torch.float64), A.to(torch.float64)
-    return B64.transpose(-1, -2) @ B64, A64 @ A64.transpose(-1, -2)
-
-
 def sketch(
     B: torch.Tensor, A: torch.Tensor, s: torch.Tensor, widths: tuple[int, int],
     grams: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -155,10 +148,10 @@ def sketch(
     is one batched call, and each module's result equals what it would get alone.
     The stacks of ``left_blocks`` and ``right_blocks`` stay factored (``linalg.range_basis``): with
     B_tᵀB_t = R_BᵀR_B and A_tA_tᵀ = R_AᵀR_A (``linalg.gram_roots`` of ``grams``, the float64
-    ``factor_grams``; a float64 QR for float64 factors), the left one is [s_t·B_t·R_Aᵀ]_t and the right one [s_t·A_tᵀ·R_Bᵀ]_t;
-    the total is Σ_t s_t²·⟨B_tᵀB_t, A_tA_tᵀ⟩, exact.
+    ``linalg.factor_grams``; a float64 QR for float64 factors), the left one is [s_t·B_t·R_Aᵀ]_t
+    and the right one [s_t·A_tᵀ·R_Bᵀ]_t; the total is Σ_t s_t²·⟨B_tᵀB_t, A_tA_tᵀ⟩, exact.
     """
-    BtB, AAt = grams if grams is not None else factor_grams(B, A)
+    BtB, AAt = grams if grams is not None else linalg.factor_grams(B, A)
     if B.dtype == torch.float64:  # their Grams are rounded: a QR's R keeps their conditioning (``gram_roots``)
         RB, RA = linalg.gauge_roots(B.transpose(-1, -2)), linalg.gauge_roots(A)
     else:
@@ -221,7 +214,7 @@ def project_all(
     the cores on the host whatever the device.
 
     Batched over adapters (ranks zero-padded); errors by ``linalg.squared_errors`` in float64
-    on the stored (rounded) values. ``grams``: ``factor_grams(B, A)`` when the caller has them.
+    on the stored (rounded) values. ``grams``: ``linalg.factor_grams(B, A)`` when the caller has them.
     """
     f64 = torch.float64
     U64, V64 = U.to(f64), V.to(f64)
@@ -232,7 +225,7 @@ def project_all(
     keeps = [min(r, k, p if p is not None else r) for r in ranks]
     E, F = linalg.split_cores(P, Q, s64, keeps, ranks)
     E, F = E.to(store), F.to(store)
-    grams = grams or factor_grams(B64, A64)  # shared by the errors and the parts
+    grams = grams or linalg.factor_grams(B64, A64)  # shared by the errors and the parts
     err2, norm2 = linalg.squared_errors(B64, A64, s64, U64, E, F, V64, P, Q, grams)
     parts = merge_parts(U64, V64, P, Q, B64, A64, s64, E, F, grams)
     # to the host in one transfer each (a GPU merge would otherwise wait on 2·T tiny copies per module)
@@ -288,16 +281,28 @@ def compress_batch(
     return compress_stacked(B, A, s, ranks[0], rule, **options)
 
 
-def as_rows(B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def as_rows(B: torch.Tensor, dtype: torch.dtype, scratch: Scratch | None = None, name: str = "rows") -> torch.Tensor:
     """B (…, n, r) in ``dtype``, held as its transpose: the view ``Bᵀ.mT`` of a contiguous Bᵀ (…, r, n).
 
     Every large product with B (the sketch's, Uᵀ·B_t) is then one GEMM over all adapters instead
-    of a batch of r-wide ones. One copy at most, none when B already lies so.
+    of a batch of r-wide ones. One copy at most (into ``scratch``'s buffer ``name`` when given),
+    none when B already lies so.
     """
     rows = B.transpose(-1, -2)
     if rows.dtype != dtype or not rows.is_contiguous():
-        rows = torch.empty(rows.shape, dtype=dtype, device=rows.device).copy_(rows)  # widened as it is moved
+        rows = _buffer(rows, dtype, scratch, name).copy_(rows)  # widened as it is moved
     return rows.transpose(-1, -2)
+
+
+def widened(X: torch.Tensor, dtype: torch.dtype, scratch: Scratch | None = None, name: str = "widened") -> torch.Tensor:
+    """X in ``dtype``: X itself when it is, else a contiguous copy (into ``scratch``'s buffer ``name`` when given)."""
+    return X if X.dtype == dtype else _buffer(X, dtype, scratch, name).copy_(X)
+
+
+def _buffer(X: torch.Tensor, dtype: torch.dtype, scratch: Scratch | None, name: str) -> torch.Tensor:
+    if scratch is None:
+        return torch.empty(X.shape, dtype=dtype, device=X.device)
+    return scratch.take(name, tuple(X.shape), dtype, X.device)
 
 
 def compress_stacked(
@@ -336,13 +341,10 @@ def compress_stacked(
     B, A = B.to(device, non_blocking=True), A.to(device, non_blocking=True)
     s = s.to(device=device, dtype=torch.float64)
     work = torch.float64 if B.dtype == torch.float64 else torch.float32
-    B, A = as_rows(B, work), A.to(work)  # widened once, on the device
-    if scratch is not None and work != torch.float64:  # the exact figures' copies, made once for the batch
-        B64 = scratch.take("B64", B.transpose(-1, -2).shape, torch.float64, B.device).copy_(B.transpose(-1, -2)).transpose(-1, -2)
-        A64 = scratch.take("A64", A.shape, torch.float64, A.device).copy_(A)
-    else:
-        B64, A64 = B.to(torch.float64), A.to(torch.float64)
-    grams = factor_grams(B64, A64)
+    B, A = as_rows(B, work), widened(A, work)  # widened once, on the device
+    # the exact figures' copies, made once for the batch
+    B64, A64 = as_rows(B, torch.float64, scratch, "B64"), widened(A, torch.float64, scratch, "A64")
+    grams = linalg.factor_grams(B64, A64)
     # a NaN or Inf anywhere in a factor makes its Gram's diagonal (Σ of squares) NaN or Inf
     if not all(bool(torch.isfinite(X.diagonal(dim1=-2, dim2=-1).sum())) for X in grams):
         if not_finite is not None:

@@ -37,6 +37,13 @@ def gauge_roots(rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(rows.transpose(-1, -2), mode="r")[1]
 
 
+def factor_grams(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(BᵀB, AAᵀ) per adapter in float64, batched: the exact errors, the bound parts, the gauge roots
+    and a merge's finiteness check all read them."""
+    B64, A64 = B.to(torch.float64), A.to(torch.float64)
+    return B64.transpose(-1, -2) @ B64, A64 @ A64.transpose(-1, -2)
+
+
 def gram_roots(G: torch.Tensor) -> torch.Tensor:
     """R (…, r, r) with RᵀR = G for float64 Grams G (…, r, r) of float32 (or narrower) factors.
 
@@ -370,7 +377,7 @@ def squared_errors(
     P = U.T @ B if P is None else P.to(f64)
     Q = A @ V if Q is None else Q.to(f64)
     s1 = s[:, None, None]
-    BtB, AAt = grams if grams is not None else (B.mT @ B, A @ A.mT)
+    BtB, AAt = grams if grams is not None else factor_grams(B, A)
     G11 = s1 * s1 * BtB
     H11 = AAt
     err2 = difference_norm2(G11, s1 * (P.mT @ E), E.mT @ (U.T @ U) @ E, H11, Q @ F.mT, F @ (V.T @ V) @ F.mT)

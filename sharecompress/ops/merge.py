@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..core.budget import ModuleSpectrum, allocate, parse_size
-from ..core.compress import METHODS, KRule, ModuleResult, compress_stacked, spectrum
+from ..core.compress import METHODS, KRule, ModuleResult, as_rows, compress_stacked, spectrum, widened
 from ..core.diagnostics import held_out_errors, nearest_twin
 from ..core.scratch import Scratch
 from ..errors import InputError, ZooError
@@ -325,10 +325,7 @@ def ready_for(B: torch.Tensor, A: torch.Tensor, ranks: list[int], device: str | 
     if torch.device(device).type != "cpu":
         return B, A, ranks
     work = torch.float64 if B.dtype == torch.float64 else torch.float32
-    rows = scratch.take("rows B", B.transpose(-1, -2).shape, work, B.device).copy_(B.transpose(-1, -2))
-    if A.dtype != work:
-        A = scratch.take("A", A.shape, work, A.device).copy_(A)
-    return rows.transpose(-1, -2), A, ranks
+    return as_rows(B, work, scratch, "rows B"), widened(A, work, scratch, "A"), ranks
 
 
 def name_the_bad_tensor(holders: list[Adapter], modules: list[str]) -> None:
