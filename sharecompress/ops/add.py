@@ -22,7 +22,7 @@ from ..store.reader import ZooReader
 from ..store.writer import unique_stem, write_adapter_files
 from .hold_budget import hold_budget
 from .anchors import Anchors, anchor_here, move, prune
-from .entries import (adapter_entry, check_finite, finish_adapter_entry, model_key, module_bound2, now, refresh_module_stats,
+from .entries import (adapter_entry, check_finite, finish_adapter_entry, model_key, module_bound2, module_info, now, refresh_module_stats,
                       source_keys)
 from .guarantee import absorb_drift, first_residual, module_move2
 from .merge import STORE_DTYPES
@@ -271,7 +271,7 @@ def add_adapters(
             tight.tighten(entries[t], bases, cores[t], residuals[t])
             if limit is not None:
                 moved2 = absorb_drift(t, entries[t], before[t], prior[t], bases, cores[t], residuals, limit, store, zoo_path,
-                                      tight.totals(entries[t]))
+                                      lambda e=entries[t]: tight.totals(e))
                 if moved2 is not None:
                     step_drift[t] = moved2
                     tight.tighten(entries[t], bases, cores[t], residuals[t])
@@ -324,14 +324,6 @@ def _rule_for(manifest: dict, k_old: tuple[int, int], grow: str, keep: tuple[int
     floor = (max(k_old[0], 1), max(k_old[1], 1))
     new_module = k_old == (0, 0)
     return KRule(energy=rule.get("energy") or 0.99, k_min=floor, k_max=None if grow == "auto" or new_module else floor)
-
-
-def module_info(info: dict | None, n: int, d: int, ku: int, kv: int, curve: torch.Tensor, sweeps: int) -> dict:
-    """A module's manifest entry after its bases were refit (by ``add``, or ``remove``)."""
-    info = dict(info or {"shape": [n, d]})
-    keep = min(curve.numel(), max(2 * ku, 64))
-    info.update(k=max(ku, kv), k_u=ku, k_v=kv, energy_curve=[round(x, 7) for x in torch.cumsum(curve[:keep], 0).tolist()], sweeps=sweeps)
-    return info
 
 
 def check_shapes(zoo_path: Path, manifest: dict, bases: dict, cores: dict, residuals: dict) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as _dt
 
+import torch
+
 from ..io.adapter import Adapter, LoraModule
 from ..errors import InputError
 from ..io.names import printable
@@ -105,3 +107,12 @@ def relative(err2: float, norm2: float) -> float:
     if norm2 <= 0.0:
         return 0.0 if err2 <= 1e-30 else float("inf")
     return (err2 / norm2) ** 0.5
+
+
+def module_info(info: dict | None, n: int, d: int, ku: int, kv: int, curve: torch.Tensor, sweeps: int) -> dict:
+    """A module's manifest entry after its bases were refit (by ``add``, ``remove`` or a held budget)."""
+    info = dict(info or {"shape": [n, d]})
+    keep = min(curve.numel(), max(2 * ku, 64))
+    info.update(k=max(ku, kv), k_u=ku, k_v=kv, energy_curve=[round(x, 7) for x in torch.cumsum(curve[:keep], 0).tolist()],
+                sweeps=sweeps)
+    return info

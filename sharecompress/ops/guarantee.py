@@ -9,6 +9,7 @@ that bound passes the mark, the move is folded back into the residual (``absorb_
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -95,12 +96,13 @@ def _fits_in(fitted: dict, bases: dict, kept: dict | None = None) -> bool:
 
 
 def absorb_drift(name: str, entry: dict, before: tuple, prior: dict, bases: dict, cores: dict, residuals: dict,
-                 limit: float, store: torch.dtype, zoo_path: Path, anchored: dict | None = None) -> float | None:
+                 limit: float, store: torch.dtype, zoo_path: Path,
+                 anchored: Callable[[], dict | None] | None = None) -> float | None:
     """Hold an old adapter's bound ≤ ``limit`` after an add (or a remove) moved it; returns its move²
     over the operation (None: untouched).
 
     Without the original, its error is known only as a bound. Where it has an anchor
-    (``anchored``: its stored update at its exact point), its residual is refit on
+    (``anchored()``: its stored update at its exact point, built only when needed), its residual is refit on
     M = Ŵ₀ − (the new shared part), with the exact error there as the floor: the floor never grows
     from add to add. Else on M = (its reconstruction before) − (the new shared part), with its bound
     before as the floor; in float16 or bfloat16, where rounding a whole new residual costs more than
@@ -112,6 +114,7 @@ def absorb_drift(name: str, entry: dict, before: tuple, prior: dict, bases: dict
     if entry["relative_error"] <= first_target(limit):  # taken back once it passes the first fit's mark
         return None
     mods = entry["modules"]
+    anchored = anchored() if anchored is not None else None
     if anchored is not None:
         fitted = fit_residuals(_towards(anchored, bases, cores, {m: mod["err2"] ** 0.5 for m, mod in mods.items()}),
                                limit**2 * entry["norm2"], store)  # the floor sits under X by the first fit's room

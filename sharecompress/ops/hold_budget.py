@@ -15,6 +15,7 @@ import torch
 from ..core.budget import ModuleSpectrum, allocate
 from ..core.compress import KRule, spectrum
 from ..errors import ZooError
+from .entries import module_info
 
 f64 = torch.float64
 
@@ -60,9 +61,7 @@ def hold_budget(zoo_path, manifest: dict, bases: dict, cores: dict, entries: dic
         for t, pair in moved.items():  # the add measures how far each moved, once, at its end
             cores[t][module] = pair
             entries[t]["modules"][module]["p"] = pair[0].shape[1]
-        ku, kv = U2.shape[1], V2.shape[1]  # what the refit made (never above what the stored updates span)
-        keep = min(curve.numel(), max(2 * ku, 64))
-        info.update(k=max(ku, kv), k_u=ku, k_v=kv, p=p, sweeps=done,
-                    energy_curve=[round(x, 7) for x in torch.cumsum(curve[:keep], 0).tolist()])
+        # the sides the refit made (never above what the stored updates span)
+        info.update(module_info(info, *info["shape"], U2.shape[1], V2.shape[1], curve, done), p=p)
         resized += 1
     return resized

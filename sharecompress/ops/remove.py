@@ -19,10 +19,10 @@ from ..core.compress import KRule
 from ..errors import ZooError
 from ..store.reader import ZooReader
 from ..store.transaction import Transaction
-from .add import fold_module, module_info, write_generation
+from .add import fold_module, write_generation
 from .guarantee import absorb_drift
 from .anchors import Anchors, move, prune
-from .entries import check_finite, finish_adapter_entry, module_bound2, now, refresh_module_stats
+from .entries import check_finite, finish_adapter_entry, module_bound2, module_info, now, refresh_module_stats
 from .merge import STORE_DTYPES
 
 
@@ -72,7 +72,8 @@ def remove(zoo_path: str | Path, names: Iterable[str]) -> dict[str, float]:
             tight.tighten(entries[t], bases, cores[t], residuals[t])
             if limit is not None:  # the zoo's guarantee holds through a remove as through an add
                 moved2 = absorb_drift(t, entries[t], (old_bases, old_cores[t], residuals[t]), prior[t], bases, cores[t],
-                                      residuals, limit, STORE_DTYPES[manifest["dtype"]], Path(zoo_path), tight.totals(entries[t]))
+                                      residuals, limit, STORE_DTYPES[manifest["dtype"]], Path(zoo_path),
+                                      lambda e=entries[t]: tight.totals(e))
                 if moved2 is not None:
                     drift2[t] = moved2
                     moved = True
