@@ -96,6 +96,8 @@ def _refit(manifest: dict, module: str, basis: tuple[torch.Tensor, torch.Tensor]
     U, V = basis
     info = manifest["modules"][module]
     rule = _shrink_rule(manifest, (U.shape[1], V.shape[1]))
+    if rule.sides is not None and sum(E.shape[1] for E, _ in holders.values()) >= max(rule.sides):
+        return None  # fixed sides, and the remaining cores' ranks still reach them: the refit keeps k (its cap)
     U2, V2, cores, drifts, _, curve, done = fold_module(
         U, V, holders, None, None, 0.0, rule, manifest.get("method", "share"), manifest.get("sweeps", 3),
         info.get("p") or manifest.get("p"), STORE_DTYPES[manifest["dtype"]])
