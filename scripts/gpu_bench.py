@@ -72,18 +72,17 @@ print(json.dumps({"bytes": nbytes, "import_init_s": t1 - t0, "read_s": t2 - t1})
 # (sys._current_frames) every GPU_BENCH_SAMPLE_S seconds and rewrites the counts to GPU_BENCH_PROFILE
 # every few seconds, so a run that is killed still leaves its profile. No signals are sent to it.
 MERGE_WRAPPER = r"""
-import atexit, collections, json, os, runpy, sys, threading, time, traceback
+import collections, json, os, runpy, sys, threading, time, traceback
 _lock, _counts, _samples = threading.Lock(), collections.Counter(), collections.Counter()
 def _dump(path, every):
     with _lock:
-        data = {"every_s": every, "samples": dict(_samples), "counts": _counts.most_common(200)}
+        data = {"every_s": every, "samples": dict(_samples), "counts": _counts.most_common(400)}
     with open(path + ".tmp", "w") as fh:
         json.dump(data, fh)
     os.replace(path + ".tmp", path)
 def _sample(path, every):
     me, last = threading.get_ident(), time.monotonic()
-    while True:
-        time.sleep(every)
+    while not _stop.wait(every):
         names = {t.ident: t.name for t in threading.enumerate()}
         seen = []
         for ident, frame in sys._current_frames().items():
@@ -106,13 +105,19 @@ def _sample(path, every):
         if time.monotonic() - last > 2.0:
             last = time.monotonic()
             _dump(path, every)
-_path = os.environ.get("GPU_BENCH_PROFILE")
+_path, _stop = os.environ.get("GPU_BENCH_PROFILE"), threading.Event()
 if _path:
     _every = float(os.environ.get("GPU_BENCH_SAMPLE_S", "0.25"))
-    threading.Thread(target=_sample, args=(_path, _every), daemon=True).start()
-    atexit.register(_dump, _path, _every)
+    _sampler = threading.Thread(target=_sample, args=(_path, _every), daemon=True)
+    _sampler.start()
 sys.argv[0] = "sharecompress"
-runpy.run_module("sharecompress", run_name="__main__", alter_sys=True)
+try:
+    runpy.run_module("sharecompress", run_name="__main__", alter_sys=True)
+finally:  # the sampler stopped and joined before the interpreter winds down (2 of 3 profiled runs
+    if _path:  # with it still running at exit ended in SIGABRT, "terminate called without an active exception")
+        _stop.set()
+        _sampler.join()
+        _dump(_path, _every)
 """
 
 
@@ -329,7 +334,8 @@ def read_profile(path: Path, top: int = 25) -> dict | None:
         by_function[f"{thread}  {file_line.rsplit(':', 1)[0]} {function}"] += count
     functions = [(label, count, count / max(samples.get(label.split("  ", 1)[0], 1), 1))
                  for label, count in by_function.most_common(top)]
-    return {"every_s": data["every_s"], "samples": samples, "top": rows[:top], "functions": functions}
+    main = [row for row in rows if row[0].startswith("MainThread  ")][:top]  # the compute's own thread, apart
+    return {"every_s": data["every_s"], "samples": samples, "top": rows[:top], "functions": functions, "main": main}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -489,6 +495,9 @@ def main() -> None:
                      f"samples, one every {prof['every_s']} s; samples {dict(prof['samples'])}):"]
             lines += [f"    {100 * share:5.1f} %  {label}" for label, count, share in prof["functions"]]
             print("\n".join(lines), flush=True)
+            lines += ["merge profile of the main thread (where the compute runs; every place, innermost frame first):"]
+            lines += [f"    {100 * share:5.1f} %  {label}" for label, count, share in prof["main"]]
+            print("\n".join(lines[-len(prof["main"]) - 1:]), flush=True)
             (Path(out_env) if out_env else logdir).joinpath("merge_profile.txt").write_text("\n".join(lines) + "\n")
         save()
         # 4. the zoo's error

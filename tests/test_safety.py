@@ -234,6 +234,26 @@ def test_force_replaces_only_a_zoo_or_an_empty_directory(tmp_path, sentinel):
     assert hidden_leftovers(tmp_path) == []
 
 
+def test_a_manifest_changed_after_it_was_checked_is_checked_again(tmp_path):
+    """``--force`` checks its target three times and parses an unchanged manifest once: a manifest
+    rewritten since (same size, its mtime set back) is read again, and a non-zoo one is refused."""
+    import importlib
+
+    manifest_module = importlib.import_module("sharecompress.store.manifest")
+    paths = adapters(tmp_path)
+    zoo = tmp_path / "zoo"
+    sharecompress.merge(paths, zoo, k=2)
+    manifest_module.replaceable_zoo(zoo)  # parsed and remembered
+    path = zoo / "manifest.json"
+    before = os.stat(path)
+    text = path.read_text()
+    path.write_text('{"format":"not-ours"' + " " * (len(text) - len('{"format":"not-ours"}')) + "}")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_size == before.st_size and os.stat(path).st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(ZooError, match="not a sharecompress zoo"):
+        manifest_module.replaceable_zoo(zoo)
+
+
 def zoo_and_a_stranger(tmp_path):
     """Adapters, a zoo of them, and someone's directory of their own beside it."""
     paths = adapters(tmp_path)

@@ -230,8 +230,9 @@ def project_all(
     parts = merge_parts(U64, V64, P, Q, B64, A64, s64, E, F, grams)
     # to the host in one transfer each (a GPU merge would otherwise wait on 2·T tiny copies per module)
     E, F, err2, norm2, parts = E.cpu(), F.cpu(), err2.tolist(), norm2.tolist(), parts.tolist()
+    width, Es, Fs = E.shape[2], E.unbind(0), F.unbind(0)  # T views in one call: a zoo of 500 makes 64,000 of them
     return [
-        AdapterCore(E[t, :, :kp].contiguous(), F[t, :kp].contiguous(), err2[t], norm2[t], parts[t])
+        AdapterCore(Es[t] if kp == width else Es[t][:, :kp].contiguous(), Fs[t][:kp], err2[t], norm2[t], parts[t])
         for t, kp in enumerate(keeps)
     ]
 

@@ -68,6 +68,12 @@ LOO_WORK = 2 * 10**8
 NOISE = 1e-12  # eigenvalues below this share of the largest are rounding, not a direction
 
 
+def held_out_fits(ranks: list[int]) -> bool:
+    """Whether ``held_out_errors`` computes anything for adapters of these ranks (else it is None):
+    asked first, a large zoo's merge does not gather T factor views per module for nothing."""
+    return len(ranks) >= 2 and len(ranks) * sum(ranks) ** 3 <= LOO_WORK
+
+
 def held_out_errors(factors: list[tuple[torch.Tensor, torch.Tensor]], scales: list[float], ku: int, kv: int) -> list[float] | None:
     """Each adapter's squared error on bases of the same size fit without it (leave-one-out).
 
@@ -80,8 +86,7 @@ def held_out_errors(factors: list[tuple[torch.Tensor, torch.Tensor]], scales: li
     """
     from . import linalg
 
-    total = sum(b.shape[1] for b, _ in factors)
-    if len(factors) < 2 or len(factors) * total**3 > LOO_WORK:
+    if not held_out_fits([b.shape[1] for b, _ in factors]):
         return None
     B = [b.double() for b, _ in factors]
     A = [a.double() for _, a in factors]

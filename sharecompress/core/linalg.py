@@ -198,10 +198,25 @@ def top_right(
     return top_left(A.transpose(-1, -2), B.transpose(-1, -2), s, k, warm=warm, max_iter=max_iter)
 
 
+# A GPU's eigh of a small matrix is a few solver launches and a synchronisation, which cost more
+# than the host's whole solve: at most this order, the matrix goes to the host and back.
+HOST_EIGH = 512
+
+
+def eigh(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` on one thread, on the host for a small matrix held on a GPU (the
+    results come back to X's device)."""
+    if X.device.type != "cpu" and X.shape[-1] <= HOST_EIGH:
+        with one_thread():
+            w, V = torch.linalg.eigh(X.cpu())
+        return w.to(X.device), V.to(X.device)
+    with one_thread():
+        return torch.linalg.eigh(X)
+
+
 def _eigen(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """A Gram's eigenvalues and vectors, largest first, and how many of the top k are not rounding noise."""
-    with one_thread():
-        evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = eigh(gram)
     evals = evals.flip(0).clamp_min(0.0)
     evecs = evecs.flip(1)
     top = float(evals[0]) if evals.numel() else 0.0
@@ -240,8 +255,7 @@ def _iterate(flat: torch.Tensor, k: int, total: float, warm, seed: int, tol: flo
     previous = -1.0
     for _ in range(max_iter):
         Z = flat.T @ Y  # m × width
-        with one_thread():
-            evals, evecs = torch.linalg.eigh((Z.T @ Z).double())
+        evals, evecs = eigh((Z.T @ Z).double())
         captured = float(evals.flip(0)[:k].sum())
         if captured - previous <= tol * max(captured, 1e-300):
             break

@@ -20,12 +20,16 @@ class Scratch:
     let it (or a view of it) outlive that.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pinned: bool = False) -> None:
+        """``pinned``: host buffers in page-locked memory, which a GPU copies from directly (a copy
+        from pageable memory is staged through the driver's own buffer first)."""
         self._held: dict[str, torch.Tensor] = {}
+        self.pinned = pinned
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         count = math.prod(shape)
         buf = self._held.get(name)
         if buf is None or buf.numel() < count or buf.dtype != dtype or buf.device != device:
-            buf = self._held[name] = torch.empty(count, dtype=dtype, device=device)
+            pin = self.pinned and device.type == "cpu"
+            buf = self._held[name] = torch.empty(count, dtype=dtype, device=device, pin_memory=pin)
         return buf[:count].view(shape)

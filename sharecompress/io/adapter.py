@@ -89,21 +89,30 @@ class Adapter:
             return reduce_rank(b, a, dtype)
         return b.to(dtype), a.to(dtype)
 
+    def stored_as(self, module: str, dtype: torch.dtype, width: int) -> tuple[str, str] | None:
+        """(B's key, A's key) when the file holds the module's factors as a stack of ``dtype`` and rank
+        ``width`` does (its own rank, that dtype), so that their bytes can go straight into it; else None."""
+        spec = self.modules[module]
+        if spec.stored_rank not in (None, spec.rank) or spec.rank != width:
+            return None
+        t = self.file.tensors
+        if torch_dtype(t[spec.b_key].dtype) != dtype or torch_dtype(t[spec.a_key].dtype) != dtype:
+            return None
+        return spec.b_key, spec.a_key
+
     def read_into(self, module: str, B: torch.Tensor, A: torch.Tensor, fd: int | None = None) -> None:
         """One module's factors into B (n × r) and A (r × d), slices of a batch's stacks (a merge's).
 
-        Where the file holds them as the stacks do (same dtype, the full width), the bytes go
-        straight from the file into the stack and are not checked for NaN/Inf here: the caller
-        checks the whole stack at once and asks ``factors`` which tensor it was. Otherwise they go
-        through ``factors`` (checked, widened) and are copied in, zero-padded beyond the rank.
+        Where the file holds them as the stacks do (``stored_as``), the bytes go straight from the
+        file into the stack and are not checked for NaN/Inf here: the caller checks the whole stack
+        at once and asks ``factors`` which tensor it was. Otherwise they go through ``factors``
+        (checked, widened) and are copied in, zero-padded beyond the rank.
         ``fd``: the file's descriptor from ``file.opened()``, for many modules of one adapter.
         """
-        spec = self.modules[module]
-        info = self.file.tensors[spec.b_key]
-        if (spec.stored_rank in (None, spec.rank) and B.shape[1] == spec.rank and B.is_contiguous() and A.is_contiguous()
-                and B.dtype == A.dtype == torch_dtype(info.dtype) == torch_dtype(self.file.tensors[spec.a_key].dtype)):
-            self.file.read_into(spec.b_key, B, fd)
-            self.file.read_into(spec.a_key, A, fd)
+        keys = self.stored_as(module, B.dtype, B.shape[1]) if B.dtype == A.dtype else None
+        if keys is not None and B.is_contiguous() and A.is_contiguous():
+            self.file.read_into(keys[0], B, fd)
+            self.file.read_into(keys[1], A, fd)
             return
         b, a = self.factors(module, None)
         B[:, : b.shape[1]] = b

@@ -15,7 +15,7 @@ import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ..errors import StorageError, ZooError
 
@@ -23,6 +23,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHUNK = 1 << 20
+_SMALL = 64 << 10  # a chunk below this is gathered with its neighbours into one write
 
 
 def os_problem(exc: OSError) -> str:
@@ -94,14 +95,25 @@ class Dir:
         except OSError as exc:
             raise _refusal(self.path, exc) from None
 
-    def read(self, name: str, limit: int) -> bytes:
-        """All of regular file ``name``, refused when it is a link, not a regular file, or over ``limit`` bytes."""
+    def read(self, name: str, limit: int, unless: Callable[[os.stat_result], bool] | None = None) -> bytes | None:
+        """All of regular file ``name``, refused when it is a link, not a regular file, or over ``limit`` bytes.
+
+        ``unless``: asked with the opened file's stat; True skips the read (None is returned), for a
+        caller that has already read this very file, unchanged since.
+        """
         where = self.path / name
         try:
             fd = os.open(name, _READ_FLAGS, dir_fd=self.fd)
         except OSError as exc:
             raise _refusal(where, exc) from None
         try:
+            if unless is not None:
+                try:
+                    info = os.fstat(fd)
+                except OSError as exc:
+                    raise StorageError(where, os_problem(exc)) from None
+                if stat.S_ISREG(info.st_mode) and unless(info):
+                    return None
             return read_fd(fd, where, limit)
         finally:
             os.close(fd)
@@ -117,13 +129,29 @@ class Dir:
         except OSError as exc:
             raise _refusal(where, exc) from None
         digest = hashlib.sha256()
+
+        def put(view: memoryview) -> None:
+            digest.update(view)
+            while view:
+                view = view[os.write(fd, view):]
+
         try:
             try:
+                small = bytearray()  # small chunks (a cores file is hundreds of tiny tensors) go out together
                 for chunk in chunks:
                     view = memoryview(chunk).cast("B")
-                    digest.update(view)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    if view.nbytes < _SMALL:
+                        small += view
+                        if len(small) < _CHUNK:
+                            continue
+                        view = memoryview(bytes(small))
+                        small.clear()
+                    elif small:
+                        put(memoryview(bytes(small)))
+                        small.clear()
+                    put(view)
+                if small:
+                    put(memoryview(bytes(small)))
                 os.fsync(fd)
             finally:
                 os.close(fd)

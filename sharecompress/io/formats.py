@@ -23,6 +23,7 @@ A, the "down" factor, is r × d; B, the "up" factor, is n × r: the same tensors
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ _PATTERNS: dict[str, list[tuple[re.Pattern, str]]] = {
 SIDE_NAMES = {"peft": ("lora_A", "lora_B"), "kohya": ("lora_down", "lora_up"), "diffusers": ("down (lora_A)", "up (lora_B)")}
 
 
+@functools.lru_cache(maxsize=1 << 16)  # every adapter of a zoo repeats the same keys: parsed once each
 def parse_key(key: str, layout: str) -> LoraKey | None:
     """The module and side of ``key`` under ``layout``; None when it is not a LoRA key there."""
     for pattern, kind in _PATTERNS[layout]:
@@ -86,6 +88,7 @@ def parse_key(key: str, layout: str) -> LoraKey | None:
     return None
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def layouts_of(key: str) -> frozenset[str]:
     """Every layout under which ``key`` is a LoRA factor (empty for other tensors)."""
     return frozenset(layout for layout in LAYOUTS if parse_key(key, layout) is not None)

@@ -45,6 +45,8 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
 
 
 def _int(text: str) -> int:
+    if len(text) < 19:  # at most 18 characters: within ±10¹⁸, inside 64 bits (a header holds 4 per tensor)
+        return int(text)
     if len(text.lstrip("-")) > 19 or not -(1 << 63) <= int(text) < (1 << 63):
         raise JSONProblem(f"integer {text[:40]} is beyond 64 bits")
     return int(text)

@@ -293,6 +293,8 @@ def _pattern_value(patterns: dict | None, module: str, default: object) -> objec
     r"""PEFT's rule, ``re.match(rf"(.*\.)?({key})$", module)``: the first key that matches the whole
     name or a part of it after a dot. Tried on each such part with ``fullmatch``, which means the
     same without the leading ``(.*\.)?`` and its backtracking."""
+    if not patterns:
+        return default
     parts = module.split(".")
     suffixes = [".".join(parts[i:]) for i in range(len(parts))]
     for key, value in (patterns or {}).items():

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import torch
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)  # buffers per preadv
 
 SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -233,6 +234,54 @@ class SafetensorsFile:
                     os.close(fd)
         except OSError as exc:
             raise self._fail(f"cannot read tensor {name!r}: {exc.strerror or exc}") from None
+
+    def read_spans(self, spans: list[tuple[str, memoryview]], fd: int | None = None) -> None:
+        """Several tensors' bytes into byte views (each its tensor's size), in one ``preadv`` per run
+        of tensors that lie back to back in the file: a merge's batch of one adapter is one read, not
+        one per tensor. Each read is a point where a thread waits to take back Python's lock, and
+        with a busy main thread that wait, not the copy, is what reading costs (docs/speed.md).
+        ``fd``: a descriptor from ``opened``, else the file is opened for these reads."""
+        order = []
+        for name, view in spans:
+            info = self.tensors[name]
+            if view.nbytes != info.nbytes:
+                raise ValueError(f"read_spans({name!r}): {view.nbytes} bytes given for {info.nbytes}")
+            if info.nbytes:
+                order.append((info.start, info.end, view))
+        order.sort(key=lambda item: item[0])
+        if self._data is not None:
+            for start, end, view in order:
+                view[:] = self._data[start:end]
+            return
+        runs: list[list] = []  # [start, end, views]
+        for start, end, view in order:
+            if runs and runs[-1][1] == start and len(runs[-1][2]) < _IOV_MAX:
+                runs[-1][1] = end
+                runs[-1][2].append(view)
+            else:
+                runs.append([start, end, [view]])
+        with contextlib.ExitStack() as stack:
+            if fd is None:
+                fd = stack.enter_context(self.opened())
+            for start, _, views in runs:
+                self._preadv_all(fd, views, start)
+
+    def _preadv_all(self, fd: int, views: list[memoryview], start: int) -> None:
+        """Fill ``views`` from ``start`` on, through short reads; a file that ends early is refused."""
+        views, i = list(views), 0
+        try:
+            while i < len(views):
+                got = os.preadv(fd, views[i:] if i else views, start)
+                if got <= 0:
+                    raise self._fail("truncated file while reading its tensors")
+                start += got
+                while i < len(views) and got >= views[i].nbytes:
+                    got -= views[i].nbytes
+                    i += 1
+                if got:
+                    views[i] = views[i][got:]
+        except OSError as exc:
+            raise self._fail(f"cannot read its tensors: {exc.strerror or exc}") from None
 
     def sha256(self) -> str:
         """Digest of the whole file: identifies an adapter whatever it is called."""

@@ -12,7 +12,7 @@ import torch
 
 from ..core.budget import ModuleSpectrum, allocate, parse_size
 from ..core.compress import METHODS, KRule, ModuleResult, as_rows, compress_stacked, spectrum, widened
-from ..core.diagnostics import held_out_errors, nearest_twin
+from ..core.diagnostics import held_out_errors, held_out_fits, nearest_twin
 from ..core.scratch import Scratch
 from ..errors import InputError, ZooError
 from ..io.adapter import Adapter
@@ -231,6 +231,7 @@ def resolve_device(requested: str) -> torch.device:
 # overhead (the arithmetic is what it is); on a GPU it fills the device with small modules.
 # One figure for every device, so that shards cut on different machines still fit together.
 BATCH_BYTES = 32 << 20
+READ_TASKS = 16  # tasks a batch's reading is cut into (each a run of adapters): enough to keep 8 readers busy
 
 
 def plan_batches(shapes: dict[str, tuple[int, int]], adapters: list[Adapter], budget: int | None = None) -> list[list[str]]:
@@ -307,14 +308,35 @@ def load_stacked(holders: list[Adapter], modules: list[str], pool: ThreadPoolExe
     else:
         B, A = (torch.empty(shape, dtype=dtype) for shape in shapes)
     # every slot is written whole: ``read_into`` zero-pads what is beyond an adapter's rank
+    T, n, d = len(holders), first.n, first.d
+    step_B, step_A = n * r * B.element_size(), r * d * A.element_size()
+    bytes_B, bytes_A = byte_view(B), byte_view(A)
 
-    def fill(t: int) -> None:
-        with holders[t].file.opened() as fd:
+    def fill(ts: range) -> None:
+        for t in ts:
+            adapter, spans, other = holders[t], [], []
             for g, module in enumerate(modules):
-                holders[t].read_into(module, B[g, t], A[g, t], fd)
+                keys = adapter.stored_as(module, dtype, r)
+                if keys is None:
+                    other.append(g)
+                    continue
+                at = g * T + t
+                spans += [(keys[0], bytes_B[at * step_B : (at + 1) * step_B]), (keys[1], bytes_A[at * step_A : (at + 1) * step_A])]
+            with adapter.file.opened() as fd:
+                adapter.file.read_spans(spans, fd)  # one read per run of tensors back to back in the file
+                for g in other:
+                    adapter.read_into(modules[g], B[g, t], A[g, t], fd)
 
-    list(pool.map(fill, range(len(holders))) if pool is not None else map(fill, range(len(holders))))
+    # a few adapters per task: each hand-over between threads, like each read, waits for Python's lock
+    tasks = min(T, READ_TASKS) if pool is not None else 1
+    chunks = [range(i * T // tasks, (i + 1) * T // tasks) for i in range(tasks) if i * T // tasks < (i + 1) * T // tasks]
+    list(pool.map(fill, chunks) if pool is not None else map(fill, chunks))
     return B, A, ranks
+
+
+def byte_view(x: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous tensor on the host, writable in place (any dtype, bfloat16 too)."""
+    return memoryview(x.view(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def ready_for(B: torch.Tensor, A: torch.Tensor, ranks: list[int], device: str | torch.device, scratch: Scratch
@@ -358,7 +380,7 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
     try:
         # Batch i's stacks live in slots[i % 2]: the reader fills batch i + 2's only once batch i is
         # done with (it is asked for after batch i + 1 was taken), and nothing of a batch outlives it.
-        slots = (Scratch(), Scratch())
+        slots = (Scratch(pinned=device.type == "cuda"), Scratch(pinned=device.type == "cuda"))
 
         def load(i: int):
             batch = batches[i]
@@ -387,6 +409,8 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
                     if cosine is not None:
                         twins[a.name, m] = round(cosine, 4)
             for g, (module, result) in enumerate(zip(batch, results)):
+                if not held_out_fits(ranks):
+                    break
                 factors = [(B[g, t, :, :r], A[g, t, :r]) for t, r in enumerate(ranks)]
                 held = held_out_errors(factors, scales[g].tolist(), result.U.shape[1], result.V.shape[1])
                 for a, err2 in zip(holders, held or []):

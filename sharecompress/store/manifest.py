@@ -108,6 +108,16 @@ def refuse_partial(path: Path, manifest: dict) -> None:
         raise ZooError(path, f"a partial zoo (shard {shard['index']}/{shard['count']}): join the parts with `sharecompress combine` first")
 
 
+# Manifests this process has parsed and found to be zoos, by file identity: a replacement checks its
+# target three times (before the compute, before the lock, under it), and a 1,000-adapter manifest
+# takes a second to parse. Any write to a file changes its ctime, which no user can set back.
+_ZOO_MANIFESTS: set[tuple] = set()
+
+
+def _identity(info: os.stat_result) -> tuple:
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
 def replaceable_zoo(target: Path) -> None:
     """Accept ``target`` for ``--force`` replacement only when it is an empty directory, or a zoo
     (a manifest with the format marker, valid or not) holding nothing but the files the tool
@@ -123,12 +133,20 @@ def replaceable_zoo(target: Path) -> None:
             return
         if root.lstat(MANIFEST) is None:
             raise ZooError(target, "exists and is not a sharecompress zoo (no manifest.json); refusing to replace it")
+        seen: list[tuple] = []
+
+        def known(info: os.stat_result) -> bool:
+            seen.append(_identity(info))
+            return seen[-1] in _ZOO_MANIFESTS
+
         try:  # the format marker is what makes it a zoo: a zoo whose fields are broken may still be replaced
-            marked = jsonio.loads(root.read(MANIFEST, MAX_MANIFEST_BYTES), allow_infinity=True)
+            raw = root.read(MANIFEST, MAX_MANIFEST_BYTES, unless=known)
+            marked = {"format": FORMAT} if raw is None else jsonio.loads(raw, allow_infinity=True)
         except (ShareError, jsonio.JSONProblem) as exc:
             raise ZooError(target, f"exists and is not a sharecompress zoo ({getattr(exc, 'problem', exc)}); refusing to replace it") from None
         if not isinstance(marked, dict) or marked.get("format") != FORMAT:
             raise ZooError(target, "exists and is not a sharecompress zoo (its manifest.json is not one); refusing to replace it")
+        _ZOO_MANIFESTS.update(seen)
         foreign = foreign_entries(root)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")

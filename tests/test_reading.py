@@ -1,0 +1,165 @@
+"""Reading factors in bulk and writing files in gathered chunks: the same bytes as one tensor at a
+time, in far fewer system calls (each a point where a reading thread waits for Python's lock)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from factories import random_factors, write_peft_adapter
+from sharecompress.errors import InputError
+from sharecompress.io import jsonio, safetensors_file
+from sharecompress.io.confined import Dir
+from sharecompress.io.readers import find_adapters
+from sharecompress.io.safetensors_file import SafetensorsFile
+from sharecompress.ops.merge import byte_view, load_stacked
+
+
+def mixed_file(tmp_path):
+    tensors = {
+        "a": torch.randn(3, 5, dtype=torch.float32),
+        "b": torch.randn(7, dtype=torch.float16),
+        "c": torch.randn(2, 9, dtype=torch.bfloat16),
+        "d": torch.randn(4, 4, dtype=torch.float64),
+        "e": torch.randn(6, dtype=torch.float32),
+    }
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path))
+    return path, tensors
+
+
+def spans_for(file: SafetensorsFile, names):
+    outs = {name: torch.empty(file.tensors[name].shape, dtype=safetensors_file.torch_dtype(file.tensors[name].dtype))
+            for name in names}
+    return outs, [(name, byte_view(outs[name])) for name in names]
+
+
+def counting_preadv(monkeypatch, most: int | None = None):
+    """os.preadv as the reader calls it, counted; ``most`` caps the bytes each call returns (short reads)."""
+    calls = []
+    real = os.preadv
+
+    def preadv(fd, buffers, offset):
+        calls.append(len(buffers))
+        if most is None:
+            return real(fd, buffers, offset)
+        return real(fd, [memoryview(buffers[0])[:most]], offset)
+
+    monkeypatch.setattr(safetensors_file.os, "preadv", preadv)
+    return calls
+
+
+def test_spans_in_any_order_read_what_the_library_reads_in_one_call_per_run(tmp_path, monkeypatch):
+    path, _ = mixed_file(tmp_path)
+    file = SafetensorsFile(path)
+    names = sorted(file.tensors)
+    random.Random(0).shuffle(names)
+    calls = counting_preadv(monkeypatch)
+    outs, spans = spans_for(file, names)
+    file.read_spans(spans)
+    with safe_open(str(path), "pt") as fh:
+        for name in names:
+            assert torch.equal(outs[name], fh.get_tensor(name)), name
+    assert calls == [5]  # the five tensors tile the data: one read
+    calls.clear()
+    stored = sorted(file.tensors, key=lambda name: file.tensors[name].start)  # the library's order, not by name
+    apart = stored[::2]  # the second and fourth between them are not asked for
+    outs, spans = spans_for(file, apart[::-1])
+    file.read_spans(spans)
+    assert calls == [1, 1, 1]
+    with safe_open(str(path), "pt") as fh:
+        assert all(torch.equal(outs[name], fh.get_tensor(name)) for name in apart)
+
+
+def test_short_reads_are_carried_on_across_buffers(tmp_path, monkeypatch):
+    path, _ = mixed_file(tmp_path)
+    file = SafetensorsFile(path)
+    counting_preadv(monkeypatch, most=7)  # every call returns at most 7 bytes, splitting tensors anywhere
+    outs, spans = spans_for(file, sorted(file.tensors))
+    file.read_spans(spans)
+    with safe_open(str(path), "pt") as fh:
+        assert all(torch.equal(outs[name], fh.get_tensor(name)) for name in outs)
+
+
+def test_a_file_cut_short_after_its_header_was_read_is_refused_by_name(tmp_path):
+    path, _ = mixed_file(tmp_path)
+    file = SafetensorsFile(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) - 10)
+    _, spans = spans_for(file, sorted(file.tensors))
+    with pytest.raises(InputError, match="truncated") as err:
+        file.read_spans(spans)
+    assert str(path) in str(err.value)
+
+
+def test_a_view_of_the_wrong_size_is_refused(tmp_path):
+    path, _ = mixed_file(tmp_path)
+    file = SafetensorsFile(path)
+    with pytest.raises(ValueError, match="bytes given"):
+        file.read_spans([("a", byte_view(torch.empty(3, 4)))])
+
+
+def test_a_file_held_in_memory_reads_the_same(tmp_path):
+    path, _ = mixed_file(tmp_path)
+    on_disk, in_memory = SafetensorsFile(path), SafetensorsFile.from_bytes(path, path.read_bytes())
+    outs_disk, spans_disk = spans_for(on_disk, sorted(on_disk.tensors))
+    outs_mem, spans_mem = spans_for(in_memory, sorted(on_disk.tensors))
+    on_disk.read_spans(spans_disk)
+    in_memory.read_spans(spans_mem)
+    assert all(torch.equal(outs_disk[n], outs_mem[n]) for n in outs_disk)
+
+
+def test_a_batch_is_one_read_per_adapter(tmp_path, monkeypatch):
+    """Modules whose factors lie back to back in each file (PEFT writes keys sorted) are read with
+    one preadv per adapter and batch, into stacks equal to the factors."""
+    modules = {f"layers.{i}.q": (12, 10) for i in range(4)}
+    paths = [write_peft_adapter(tmp_path / f"a{t}", random_factors(modules, 3, seed=t), dtype=torch.float16)
+             for t in range(3)]
+    adapters = find_adapters([str(p) for p in paths])
+    names = sorted(adapters[0].modules)
+    calls = counting_preadv(monkeypatch)
+    B, A, ranks = load_stacked(adapters, names)
+    assert len(calls) == 3 and ranks == [3, 3, 3]
+    for t, adapter in enumerate(adapters):
+        for g, module in enumerate(names):
+            b, a = adapter.factors(module, torch.float16)
+            assert torch.equal(B[g, t], b) and torch.equal(A[g, t], a)
+
+
+def test_gathered_small_chunks_write_the_same_bytes_and_digest(tmp_path, monkeypatch):
+    rng = random.Random(1)
+    chunks = [os.urandom(rng.choice([0, 1, 100, 5000, 70_000, 1 << 20, (1 << 20) + 3])) for _ in range(60)]
+    writes = []
+    real = os.write
+    monkeypatch.setattr("sharecompress.io.confined.os.write", lambda fd, data: writes.append(len(data)) or real(fd, data))
+    with Dir.open(tmp_path) as root:
+        digest = root.write_new("out.bin", [memoryview(c) for c in chunks])
+    whole = b"".join(chunks)
+    assert (tmp_path / "out.bin").read_bytes() == whole
+    assert digest == hashlib.sha256(whole).hexdigest()
+    small = [len(c) < 64 << 10 for c in chunks]
+    runs = sum(1 for i, x in enumerate(small) if x and (i == 0 or not small[i - 1]))  # runs of small chunks
+    assert len(writes) <= small.count(False) + runs + sum(map(len, chunks)) // (1 << 20)
+    assert len(writes) < len([c for c in chunks if c])  # one write per chunk was the old way
+
+
+@pytest.mark.parametrize("text, value", [
+    ("999999999999999999", 999999999999999999),  # 18 digits: the fast path
+    ("-99999999999999999", -99999999999999999),
+    ("9223372036854775807", 2**63 - 1),
+    ("-9223372036854775808", -(2**63)),
+])
+def test_integers_within_64_bits_parse(text, value):
+    assert jsonio.loads(f"[{text}]") == [value]
+
+
+@pytest.mark.parametrize("text", ["9223372036854775808", "-9223372036854775809", "1" + "0" * 30])
+def test_integers_beyond_64_bits_are_refused(text):
+    with pytest.raises(jsonio.JSONProblem, match="beyond 64 bits"):
+        jsonio.loads(f"[{text}]")
