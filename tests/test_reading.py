@@ -93,7 +93,7 @@ def test_a_file_cut_short_after_its_header_was_read_is_refused_by_name(tmp_path)
     with open(path, "r+b") as fh:
         fh.truncate(os.path.getsize(path) - 10)
     _, spans = spans_for(file, sorted(file.tensors))
-    with pytest.raises(InputError, match="truncated") as err:
+    with pytest.raises(InputError, match="truncated file while reading tensor '") as err:
         file.read_spans(spans)
     assert str(path) in str(err.value)
 
@@ -163,3 +163,30 @@ def test_integers_within_64_bits_parse(text, value):
 def test_integers_beyond_64_bits_are_refused(text):
     with pytest.raises(jsonio.JSONProblem, match="beyond 64 bits"):
         jsonio.loads(f"[{text}]")
+
+
+def test_only_keys_of_ordinary_length_are_remembered():
+    """The header parser remembers the keys it has parsed (every adapter of a zoo repeats them),
+    but not a hostile file's huge ones (a review kept 240 MB alive through four refused files)."""
+    from sharecompress.io import formats
+
+    before = formats._parse_key_cached.cache_info().currsize, formats._layouts_cached.cache_info().currsize
+    huge = "x" * 100_000 + ".lora_A.weight"
+    assert formats.parse_key(huge, "peft").module == "x" * 100_000 and formats.layouts_of(huge)
+    after = formats._parse_key_cached.cache_info().currsize, formats._layouts_cached.cache_info().currsize
+    assert after == before
+    assert formats.parse_key("m.lora_B.weight", "peft") == formats.parse_key("m.lora_B.weight", "peft")
+
+
+def test_buffers_asked_to_be_page_locked_fall_back_to_pageable_memory():
+    """A GPU merge asks for page-locked read buffers; where they are refused (no accelerator here,
+    or the system's limit), or too large to lock, ordinary memory does the same job."""
+    from sharecompress.core import scratch as scratch_module
+
+    buffers = scratch_module.Scratch(pinned=True)
+    small = buffers.take("small", (3, 4), torch.float16, torch.device("cpu"))
+    small.fill_(1)
+    assert float(small.sum()) == 12.0
+    assert small.is_pinned() == torch.cuda.is_available()
+    large = buffers.take("large", (scratch_module.PIN_LIMIT // 2 + 1,), torch.float16, torch.device("cpu"))
+    assert not large.is_pinned()

@@ -234,22 +234,36 @@ def test_force_replaces_only_a_zoo_or_an_empty_directory(tmp_path, sentinel):
     assert hidden_leftovers(tmp_path) == []
 
 
-def test_a_manifest_changed_after_it_was_checked_is_checked_again(tmp_path):
-    """``--force`` checks its target three times and parses an unchanged manifest once: a manifest
-    rewritten since (same size, its mtime set back) is read again, and a non-zoo one is refused."""
+@pytest.mark.parametrize("how", ["rewritten, its mtime set back", "written through a mapping"])
+def test_a_manifest_changed_after_it_was_checked_is_checked_again(tmp_path, how):
+    """``--force`` checks its target three times and parses a manifest it has seen once: one changed
+    since is parsed again and refused, even where its size, mtime and ctime did not change (a
+    second write through a mapping leaves them as they were: a review's finding, which a cache by
+    file identity let through)."""
     import importlib
+    import mmap
 
     manifest_module = importlib.import_module("sharecompress.store.manifest")
     paths = adapters(tmp_path)
     zoo = tmp_path / "zoo"
     sharecompress.merge(paths, zoo, k=2)
-    manifest_module.replaceable_zoo(zoo)  # parsed and remembered
     path = zoo / "manifest.json"
-    before = os.stat(path)
-    text = path.read_text()
-    path.write_text('{"format":"not-ours"' + " " * (len(text) - len('{"format":"not-ours"}')) + "}")
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert os.stat(path).st_size == before.st_size and os.stat(path).st_mtime_ns == before.st_mtime_ns
+    text = path.read_bytes()
+    at = text.index(b'"format":"') + len(b'"format":"')
+    if how == "written through a mapping":
+        with open(path, "r+b") as fh, mmap.mmap(fh.fileno(), 0) as mapped:
+            mapped[at : at + 1] = text[at : at + 1]  # the first write dirties the page (and sets the times)
+            manifest_module.replaceable_zoo(zoo)  # parsed, and remembered
+            before = os.stat(path)
+            mapped[at : at + 5] = b"NOTUS"  # a second write to the dirty page
+            mapped.flush()
+    else:
+        manifest_module.replaceable_zoo(zoo)
+        before = os.stat(path)
+        path.write_bytes(text[:at] + b"NOTUS" + text[at + 5 :])
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     with pytest.raises(ZooError, match="not a sharecompress zoo"):
         manifest_module.replaceable_zoo(zoo)
 

@@ -13,6 +13,9 @@ import math
 import torch
 
 
+PIN_LIMIT = 1 << 30  # bytes: a larger buffer (a huge module times many adapters) stays pageable
+
+
 class Scratch:
     """Named buffers, each grown to the largest size asked of it and handed out as views.
 
@@ -30,6 +33,14 @@ class Scratch:
         count = math.prod(shape)
         buf = self._held.get(name)
         if buf is None or buf.numel() < count or buf.dtype != dtype or buf.device != device:
-            pin = self.pinned and device.type == "cpu"
-            buf = self._held[name] = torch.empty(count, dtype=dtype, device=device, pin_memory=pin)
+            self._held.pop(name, None)  # the old buffer goes before the new one is made
+            buf = None
+            if self.pinned and device.type == "cpu" and count * dtype.itemsize <= PIN_LIMIT:
+                try:
+                    buf = torch.empty(count, dtype=dtype, device=device, pin_memory=True)
+                except RuntimeError:  # page-locked memory refused: pageable memory does the same job, slower
+                    buf = None
+            if buf is None:
+                buf = torch.empty(count, dtype=dtype, device=device)
+            self._held[name] = buf
         return buf[:count].view(shape)

@@ -15,7 +15,7 @@ import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from ..errors import StorageError, ZooError
 
@@ -95,25 +95,14 @@ class Dir:
         except OSError as exc:
             raise _refusal(self.path, exc) from None
 
-    def read(self, name: str, limit: int, unless: Callable[[os.stat_result], bool] | None = None) -> bytes | None:
-        """All of regular file ``name``, refused when it is a link, not a regular file, or over ``limit`` bytes.
-
-        ``unless``: asked with the opened file's stat; True skips the read (None is returned), for a
-        caller that has already read this very file, unchanged since.
-        """
+    def read(self, name: str, limit: int) -> bytes:
+        """All of regular file ``name``, refused when it is a link, not a regular file, or over ``limit`` bytes."""
         where = self.path / name
         try:
             fd = os.open(name, _READ_FLAGS, dir_fd=self.fd)
         except OSError as exc:
             raise _refusal(where, exc) from None
         try:
-            if unless is not None:
-                try:
-                    info = os.fstat(fd)
-                except OSError as exc:
-                    raise StorageError(where, os_problem(exc)) from None
-                if stat.S_ISREG(info.st_mode) and unless(info):
-                    return None
             return read_fd(fd, where, limit)
         finally:
             os.close(fd)

@@ -78,9 +78,18 @@ _PATTERNS: dict[str, list[tuple[re.Pattern, str]]] = {
 SIDE_NAMES = {"peft": ("lora_A", "lora_B"), "kohya": ("lora_down", "lora_up"), "diffusers": ("down (lora_A)", "up (lora_B)")}
 
 
-@functools.lru_cache(maxsize=1 << 16)  # every adapter of a zoo repeats the same keys: parsed once each
 def parse_key(key: str, layout: str) -> LoraKey | None:
-    """The module and side of ``key`` under ``layout``; None when it is not a LoRA key there."""
+    """The module and side of ``key`` under ``layout``; None when it is not a LoRA key there.
+
+    Every adapter of a zoo repeats the same keys, so they are parsed once each; only keys of
+    ordinary length are remembered (a hostile file's megabyte-long keys are not kept alive)."""
+    return _parse_key_cached(key, layout) if len(key) <= _CACHED_KEY_CHARS else _parse_key(key, layout)
+
+
+_CACHED_KEY_CHARS = 256
+
+
+def _parse_key(key: str, layout: str) -> LoraKey | None:
     for pattern, kind in _PATTERNS[layout]:
         match = pattern.match(key)
         if match:
@@ -88,10 +97,19 @@ def parse_key(key: str, layout: str) -> LoraKey | None:
     return None
 
 
-@functools.lru_cache(maxsize=1 << 16)
+_parse_key_cached = functools.lru_cache(maxsize=1 << 14)(_parse_key)
+
+
 def layouts_of(key: str) -> frozenset[str]:
     """Every layout under which ``key`` is a LoRA factor (empty for other tensors)."""
+    return _layouts_cached(key) if len(key) <= _CACHED_KEY_CHARS else _layouts_of(key)
+
+
+def _layouts_of(key: str) -> frozenset[str]:
     return frozenset(layout for layout in LAYOUTS if parse_key(key, layout) is not None)
+
+
+_layouts_cached = functools.lru_cache(maxsize=1 << 14)(_layouts_of)
 
 
 def check_layout(name: str) -> str:

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     import torch
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)  # buffers per preadv
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers per preadv
+_IOV_MAX = 1024 if _IOV_MAX <= 0 else min(_IOV_MAX, 1024)  # (-1: no limit)
 
 SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -247,33 +248,35 @@ class SafetensorsFile:
             if view.nbytes != info.nbytes:
                 raise ValueError(f"read_spans({name!r}): {view.nbytes} bytes given for {info.nbytes}")
             if info.nbytes:
-                order.append((info.start, info.end, view))
+                order.append((info.start, info.end, view, name))
         order.sort(key=lambda item: item[0])
         if self._data is not None:
-            for start, end, view in order:
+            for start, end, view, _ in order:
                 view[:] = self._data[start:end]
             return
-        runs: list[list] = []  # [start, end, views]
-        for start, end, view in order:
+        runs: list[list] = []  # [start, end, views, names]
+        for start, end, view, name in order:
             if runs and runs[-1][1] == start and len(runs[-1][2]) < _IOV_MAX:
                 runs[-1][1] = end
                 runs[-1][2].append(view)
+                runs[-1][3].append(name)
             else:
-                runs.append([start, end, [view]])
+                runs.append([start, end, [view], [name]])
         with contextlib.ExitStack() as stack:
             if fd is None:
                 fd = stack.enter_context(self.opened())
-            for start, _, views in runs:
-                self._preadv_all(fd, views, start)
+            for start, _, views, names in runs:
+                self._preadv_all(fd, views, start, names)
 
-    def _preadv_all(self, fd: int, views: list[memoryview], start: int) -> None:
-        """Fill ``views`` from ``start`` on, through short reads; a file that ends early is refused."""
+    def _preadv_all(self, fd: int, views: list[memoryview], start: int, names: list[str]) -> None:
+        """Fill ``views`` (the tensors ``names``) from ``start`` on, through short reads; a file that
+        ends early is refused, naming the tensor it ended in."""
         views, i = list(views), 0
         try:
             while i < len(views):
                 got = os.preadv(fd, views[i:] if i else views, start)
                 if got <= 0:
-                    raise self._fail("truncated file while reading its tensors")
+                    raise self._fail(f"truncated file while reading tensor {names[i]!r}")
                 start += got
                 while i < len(views) and got >= views[i].nbytes:
                     got -= views[i].nbytes
@@ -281,7 +284,7 @@ class SafetensorsFile:
                 if got:
                     views[i] = views[i][got:]
         except OSError as exc:
-            raise self._fail(f"cannot read its tensors: {exc.strerror or exc}") from None
+            raise self._fail(f"cannot read tensor {names[min(i, len(names) - 1)]!r}: {exc.strerror or exc}") from None
 
     def sha256(self) -> str:
         """Digest of the whole file: identifies an adapter whatever it is called."""

@@ -108,14 +108,12 @@ def refuse_partial(path: Path, manifest: dict) -> None:
         raise ZooError(path, f"a partial zoo (shard {shard['index']}/{shard['count']}): join the parts with `sharecompress combine` first")
 
 
-# Manifests this process has parsed and found to be zoos, by file identity: a replacement checks its
+# The sha256 of manifests this process has parsed and found to be zoos: a replacement checks its
 # target three times (before the compute, before the lock, under it), and a 1,000-adapter manifest
-# takes a second to parse. Any write to a file changes its ctime, which no user can set back.
-_ZOO_MANIFESTS: set[tuple] = set()
-
-
-def _identity(info: os.stat_result) -> tuple:
-    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+# takes a second to parse but a few hundredths to read and hash. Its bytes are read every time: a
+# file's stat does not prove it unchanged (writes through a mapping, or within one tick of a
+# coarse clock, keep its mtime and ctime; a review rewrote a manifest so and it was replaced).
+_ZOO_MANIFESTS: set[bytes] = set()
 
 
 def replaceable_zoo(target: Path) -> None:
@@ -133,20 +131,15 @@ def replaceable_zoo(target: Path) -> None:
             return
         if root.lstat(MANIFEST) is None:
             raise ZooError(target, "exists and is not a sharecompress zoo (no manifest.json); refusing to replace it")
-        seen: list[tuple] = []
-
-        def known(info: os.stat_result) -> bool:
-            seen.append(_identity(info))
-            return seen[-1] in _ZOO_MANIFESTS
-
         try:  # the format marker is what makes it a zoo: a zoo whose fields are broken may still be replaced
-            raw = root.read(MANIFEST, MAX_MANIFEST_BYTES, unless=known)
-            marked = {"format": FORMAT} if raw is None else jsonio.loads(raw, allow_infinity=True)
+            raw = root.read(MANIFEST, MAX_MANIFEST_BYTES)
+            digest = hashlib.sha256(raw).digest()
+            marked = {"format": FORMAT} if digest in _ZOO_MANIFESTS else jsonio.loads(raw, allow_infinity=True)
         except (ShareError, jsonio.JSONProblem) as exc:
             raise ZooError(target, f"exists and is not a sharecompress zoo ({getattr(exc, 'problem', exc)}); refusing to replace it") from None
         if not isinstance(marked, dict) or marked.get("format") != FORMAT:
             raise ZooError(target, "exists and is not a sharecompress zoo (its manifest.json is not one); refusing to replace it")
-        _ZOO_MANIFESTS.update(seen)
+        _ZOO_MANIFESTS.add(digest)
         foreign = foreign_entries(root)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
