@@ -390,7 +390,7 @@ def main() -> None:
     gpu_name = torch.cuda.get_device_name() if has_cuda else None
     res: dict = {
         "config": {**zoo_params(a), "k": a.k, "merge_device": device, "gpu": gpu_name, "cores": os.cpu_count(),
-                   "torch": torch.__version__, "workdir": str(work), "workdir_fs": None, "source_bytes": need},
+                   "torch": torch.__version__, "workdir": str(work), "sources_dir": str(src), "workdir_fs": None, "source_bytes": need},
         "steps": {},
     }
 

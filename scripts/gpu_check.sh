@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command on a machine with a GPU: the CUDA tests, the merge benchmark at 7B shape (500 adapters,
-# 32 layers × q/k/v/o of 4096×4096, rank 16, fp16, streamed from disk) and the runtime benchmark.
+# 32 layers × q/k/v/o of 4096×4096, rank 16, fp16, streamed from disk), the same merge timed phase
+# by phase in process (scripts/merge_phases.py), and the runtime benchmark.
 #
 #   bash scripts/gpu_check.sh            # the full check (about 5 minutes on one H100)
 #   bash scripts/gpu_check.sh --small    # tiny sizes, every stage end to end (falls back to the CPU without CUDA)
@@ -31,9 +32,9 @@ export OUT="$OUTDIR"
 T_START=$(date +%s)
 
 if [ "$SMALL" = 1 ]; then
-  CAP_ENV=60; CAP_TESTS=300; CAP_RT_TEST=300; CAP_BENCH=180; CAP_RUNTIME=180
+  CAP_ENV=60; CAP_TESTS=300; CAP_RT_TEST=300; CAP_BENCH=180; CAP_PHASES=120; CAP_RUNTIME=180
 else
-  CAP_ENV=20; CAP_TESTS=80; CAP_RT_TEST=50; CAP_BENCH=240; CAP_RUNTIME=75  # 465 s at most, about 5 min expected
+  CAP_ENV=20; CAP_TESTS=80; CAP_RT_TEST=50; CAP_BENCH=240; CAP_PHASES=75; CAP_RUNTIME=75  # 540 s at most, about 5 min expected
 fi
 
 NAMES=(); CODES=(); TIMES=()
@@ -126,7 +127,16 @@ else  # the 7B shape takes many minutes on a CPU: a smaller zoo says at least th
     --device cpu --budget-s $((CAP_BENCH - 15))
 fi
 
-# -- 4. runtime benchmark ---------------------------------------------------------------------
+# -- 4. the merge's phases, in process, on the benchmark's sources -------------------------------
+read -r SRC K < <("$PY" -c "import json, sys; c = json.load(open(sys.argv[1]))['config']; print(c['sources_dir'], c['k'])" \
+  "$OUTDIR/gpu_bench.json" 2>/dev/null)
+if [ -n "${SRC:-}" ] && [ -d "$SRC" ]; then
+  stage merge_phases "$CAP_PHASES" "$PY" scripts/merge_phases.py "$SRC" -k "$K" --device "$DEV"
+else
+  echo "=================== [merge_phases] skipped: the merge benchmark left no sources"
+fi
+
+# -- 5. runtime benchmark ---------------------------------------------------------------------
 if [ "$SMALL" = 1 ]; then
   stage runtime_bench "$CAP_RUNTIME" "$PY" scripts/bench_runtime.py --device "$DEV" --adapters 8 --repeats 2
 else
@@ -148,6 +158,9 @@ fi
   echo "--- merge benchmark ---"
   grep -hE "^(###|\||merge / |merge wall|generation:)" "$OUTDIR/merge_bench.log" 2>/dev/null
   head -16 "$OUTDIR/merge_profile.txt" 2>/dev/null
+  echo
+  echo "--- the merge's phases (in process) ---"
+  grep -hE "^(\||[0-9]+ adapters from)" "$OUTDIR/merge_phases.log" 2>/dev/null
   echo
   echo "--- runtime benchmark ---"
   grep -hE "^(device:|\|)" "$OUTDIR/runtime_bench.log" 2>/dev/null
