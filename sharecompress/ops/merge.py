@@ -292,8 +292,8 @@ def load_stacked(holders: list[Adapter], modules: list[str], pool: ThreadPoolExe
                  scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """One batch's factors read straight into its stacks: B (G, T, n, r), A (G, T, r, d), zero-padded
     to the largest rank, and each adapter's rank. Every module of a batch has the same adapters,
-    shape and ranks (``plan_batches``). One adapter's file per task when ``pool`` is given; the
-    stacks in ``scratch``'s buffers when given.
+    shape and ranks (``plan_batches``). With ``pool``, the adapters are read in up to
+    ``READ_TASKS`` runs, one task each; the stacks in ``scratch``'s buffers when given.
 
     The stacks are not checked for NaN or Inf here: ``compress_stacked`` checks each whole stack
     once on the device, and ``name_the_bad_tensor`` finds the file.
