@@ -268,6 +268,45 @@ def test_a_manifest_changed_after_it_was_checked_is_checked_again(tmp_path, how)
         manifest_module.replaceable_zoo(zoo)
 
 
+@pytest.mark.parametrize("change", ["rewritten", "replaced by another file", "touched"])
+def test_a_source_changed_while_merge_or_add_read_it_is_refused(tmp_path, monkeypatch, change):
+    """A source rewritten or swapped after its header was read (a training job saving its adapter
+    again, say) would leave a zoo whose figures and recorded digest describe two different files:
+    refused in one line naming it, and nothing is written (the old code published such a zoo)."""
+    import importlib
+
+    paths = adapters(tmp_path, 4)
+    victim = os.path.join(paths[1], "adapter_model.safetensors")
+
+    def change_it():
+        if change == "rewritten":
+            with open(victim, "ab") as fh:
+                fh.write(b"\0" * 8)
+        elif change == "replaced by another file":
+            shutil.copy(os.path.join(paths[2], "adapter_model.safetensors"), victim + ".new")
+            os.replace(victim + ".new", victim)
+        else:
+            info = os.stat(victim)
+            os.utime(victim, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+
+    merge_module = importlib.import_module("sharecompress.ops.merge")
+    write = merge_module.write_zoo_files
+    monkeypatch.setattr(merge_module, "write_zoo_files", lambda *a, **k: (change_it(), write(*a, **k))[1])
+    refused(cli("merge", *paths[:3], "--zoo", tmp_path / "zoo", "-k", "2"), "changed while it was being read", paths[1])
+    assert not (tmp_path / "zoo").exists() and hidden_leftovers(tmp_path) == []
+
+    monkeypatch.undo()
+    sharecompress.merge([paths[0], paths[2]], tmp_path / "zoo2", k=2)
+    add_module = importlib.import_module("sharecompress.ops.add")
+    write_files = add_module.write_adapter_files
+    victim = os.path.join(paths[3], "adapter_model.safetensors")
+    files = lambda: {p.name: p.read_bytes() for p in (tmp_path / "zoo2").rglob("*") if p.is_file() and p.name != ".lock"}  # noqa: E731
+    before = files()
+    monkeypatch.setattr(add_module, "write_adapter_files", lambda *a, **k: (change_it(), write_files(*a, **k))[1])
+    refused(cli("add", paths[3], "--zoo", tmp_path / "zoo2"), "changed while it was being read", paths[3])
+    assert files() == before  # (the writer's empty lock file stays, as after any add)
+
+
 def zoo_and_a_stranger(tmp_path):
     """Adapters, a zoo of them, and someone's directory of their own beside it."""
     paths = adapters(tmp_path)

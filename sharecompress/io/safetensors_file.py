@@ -79,6 +79,7 @@ class SafetensorsFile:
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
         self._data = memoryview(data) if data is not None else None
+        self.identity: tuple | None = None  # the file as its header was read (``check_unchanged``)
         self._parse()
 
     @classmethod
@@ -98,7 +99,8 @@ class SafetensorsFile:
             except StorageError as exc:
                 raise self._fail(exc.problem) from None
             try:
-                size = os.fstat(fd).st_size
+                info = os.fstat(fd)
+                size, self.identity = info.st_size, _identity(info)
                 head = os.pread(fd, 8, 0)
             except OSError as exc:
                 os.close(fd)
@@ -182,6 +184,21 @@ class SafetensorsFile:
         if offsets[1] > data_len:
             raise self._fail(f"truncated file: tensor {name!r} runs past the end of the file")
         return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+    def check_unchanged(self) -> None:
+        """Refuse a file that is no longer the one whose header was read (another file in its place,
+        or the same one resized or rewritten since): what was read of it, and its digest, may then
+        describe two different files. A check of its stat, so a rewrite that keeps its size and
+        mtime goes unseen."""
+        if self.identity is None:
+            return
+        try:
+            now = _identity(os.stat(self.path))
+        except OSError as exc:
+            raise self._fail(f"changed while it was being read: {exc.strerror or exc}") from None
+        if now != self.identity:
+            raise self._fail("changed while it was being read (its size, time or identity differ from when its "
+                             "header was read); try again once nothing is writing it")
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor as stored (its own dtype), in fresh writable memory."""
@@ -299,6 +316,10 @@ class SafetensorsFile:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
         return digest.hexdigest()
+
+
+def _identity(info: os.stat_result) -> tuple:
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Iterator[memoryview]:

@@ -384,3 +384,5 @@ def write_generation(tx: Transaction, manifest: dict, bases, cores, fresh: dict[
             entry["file"] = f"adapters/{name}"
         finish_adapter_entry(entry)
         pause_point("between-adapters")
+    for adapter in fresh.values():  # read and hashed: each must still be the file whose header was read
+        adapter.file.check_unchanged()

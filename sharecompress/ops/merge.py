@@ -443,6 +443,8 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
                 mod["held_out_err2"] = loo[entry["name"], module]
         finish_adapter_entry(entry)
     manifest = write_zoo_files([a.name for a in adapters], basis, modules, cores, entries, extras, staging)
+    for adapter in adapters:  # everything of the sources is read and hashed now: it must all be one file each
+        adapter.file.check_unchanged()
     for entry in manifest["adapters"]:
         anchor_here(manifest, entry, staging)  # every adapter's error is exact here: the first anchor
     if max_error is not None:
