@@ -88,14 +88,42 @@ def test_short_reads_are_carried_on_across_buffers(tmp_path, monkeypatch):
 
 
 def test_a_file_cut_short_after_its_header_was_read_is_refused_by_name(tmp_path):
+    """Cut after its header was read, it is a file that changed (said before any byte is read);
+    were that unseen, the read that comes up short names the tensor."""
     path, _ = mixed_file(tmp_path)
     file = SafetensorsFile(path)
     with open(path, "r+b") as fh:
         fh.truncate(os.path.getsize(path) - 10)
     _, spans = spans_for(file, sorted(file.tensors))
+    with pytest.raises(InputError, match="changed while it was being read") as err:
+        file.read_spans(spans)
+    assert str(path) in str(err.value)
+    file.identity = None  # as if its stat had not changed
     with pytest.raises(InputError, match="truncated file while reading tensor '") as err:
         file.read_spans(spans)
     assert str(path) in str(err.value)
+
+
+def test_a_path_pointed_at_another_file_while_it_is_read_is_refused(tmp_path):
+    """Every read opens the path again: pointed at another file meanwhile (and back before the end,
+    where a check of the path alone would pass), the reads refuse it (a review's finding)."""
+    path, _ = mixed_file(tmp_path)
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(path.read_bytes())
+    link = tmp_path / "current.safetensors"
+    link.symlink_to(path)
+    file = SafetensorsFile(link)
+    link.unlink()
+    link.symlink_to(other)
+    _, spans = spans_for(file, sorted(file.tensors))
+    with pytest.raises(InputError, match="changed while it was being read"):
+        file.read_spans(spans)
+    with pytest.raises(InputError, match="changed while it was being read"):
+        file.sha256()
+    link.unlink()
+    link.symlink_to(path)
+    file.read_spans(spans)  # back to the file whose header was read
+    file.check_unchanged()
 
 
 def test_a_view_of_the_wrong_size_is_refused(tmp_path):

@@ -196,9 +196,24 @@ class SafetensorsFile:
             now = _identity(os.stat(self.path))
         except OSError as exc:
             raise self._fail(f"changed while it was being read: {exc.strerror or exc}") from None
-        if now != self.identity:
+        self._same(now)
+
+    def _same(self, now: tuple) -> None:
+        if self.identity is not None and now != self.identity:
             raise self._fail("changed while it was being read (its size, time or identity differ from when its "
                              "header was read); try again once nothing is writing it")
+
+    def _open(self) -> int:
+        """A descriptor on the file, which must still be the one whose header was read: each read
+        opens the path again, and a path pointed elsewhere for a while and back would otherwise mix
+        two files (a review did it with a symbolic link)."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._same(_identity(os.fstat(fd)))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor as stored (its own dtype), in fresh writable memory."""
@@ -216,7 +231,7 @@ class SafetensorsFile:
             yield None
             return
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = self._open()
         except OSError as exc:
             raise self._fail(f"cannot open: {exc.strerror or exc}") from None
         try:
@@ -239,12 +254,13 @@ class SafetensorsFile:
         own = fd is None
         try:
             if own:
-                fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                fd = self._open()
             try:
                 done = 0
                 while done < info.nbytes:
                     got = os.preadv(fd, [view[done:]], info.start + done)
                     if got <= 0:
+                        self.check_unchanged()
                         raise self._fail(f"truncated file while reading tensor {name!r}")
                     done += got
             finally:
@@ -293,6 +309,7 @@ class SafetensorsFile:
             while i < len(views):
                 got = os.preadv(fd, views[i:] if i else views, start)
                 if got <= 0:
+                    self.check_unchanged()  # a file being written says so, rather than look corrupt
                     raise self._fail(f"truncated file while reading tensor {names[i]!r}")
                 start += got
                 while i < len(views) and got >= views[i].nbytes:
@@ -312,6 +329,11 @@ class SafetensorsFile:
             fd = open_regular(self.path)
         except StorageError as exc:
             raise self._fail(exc.problem) from None
+        try:
+            self._same(_identity(os.fstat(fd)))
+        except BaseException:
+            os.close(fd)
+            raise
         with os.fdopen(fd, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
