@@ -104,8 +104,7 @@ def held_out_errors(factors: list[tuple[torch.Tensor, torch.Tensor]], scales: li
         for (Q, R, widths), k in zip(sides, (ku, kv)):
             start = sum(widths[:t])
             keep = torch.cat([R[:, :start], R[:, start + widths[t]:]], dim=1)
-            with linalg.one_thread():
-                evals, evecs = torch.linalg.eigh(keep @ keep.T)
+            evals, evecs = linalg.eigh(keep @ keep.T)
             # only the directions the others have: Q also spans t's own, which must not leak in
             have = int((evals > NOISE * float(evals[-1].clamp_min(0.0))).sum()) if evals.numel() and float(evals[-1]) > 0 else 0
             take = min(k, have)

@@ -58,7 +58,7 @@ def gram_roots(G: torch.Tensor) -> torch.Tensor:
     R = L.transpose(-1, -2)
     failed = info > 0
     if bool(failed.any()):
-        w, W = torch.linalg.eigh(G[failed])
+        w, W = eigh(G[failed])
         R[failed] = w.clamp_min(0.0).sqrt()[..., :, None] * W.transpose(-1, -2)
     return R
 

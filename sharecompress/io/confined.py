@@ -124,23 +124,25 @@ class Dir:
             while view:
                 view = view[os.write(fd, view):]
 
+        small = bytearray()  # small chunks (a cores file is hundreds of tiny tensors) go out together
+
+        def flush() -> None:
+            if small:
+                put(memoryview(small))  # released when put returns, so the buffer can be emptied
+                small.clear()
+
         try:
             try:
-                small = bytearray()  # small chunks (a cores file is hundreds of tiny tensors) go out together
                 for chunk in chunks:
                     view = memoryview(chunk).cast("B")
-                    if view.nbytes < _SMALL:
+                    if view.nbytes >= _SMALL:
+                        flush()
+                        put(view)
+                    else:
                         small += view
-                        if len(small) < _CHUNK:
-                            continue
-                        view = memoryview(bytes(small))
-                        small.clear()
-                    elif small:
-                        put(memoryview(bytes(small)))
-                        small.clear()
-                    put(view)
-                if small:
-                    put(memoryview(bytes(small)))
+                        if len(small) >= _CHUNK:
+                            flush()
+                flush()
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -297,7 +297,7 @@ def _pattern_value(patterns: dict | None, module: str, default: object) -> objec
         return default
     parts = module.split(".")
     suffixes = [".".join(parts[i:]) for i in range(len(parts))]
-    for key, value in (patterns or {}).items():
+    for key, value in patterns.items():
         compiled = re.compile(key)
         if any(compiled.fullmatch(s) for s in suffixes):
             return value

@@ -207,7 +207,10 @@ class SafetensorsFile:
         """A descriptor on the file, which must still be the one whose header was read: each read
         opens the path again, and a path pointed elsewhere for a while and back would otherwise mix
         two files (a review did it with a symbolic link)."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return self._checked(os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+
+    def _checked(self, fd: int) -> int:
+        """``fd`` when it is on the file whose header was read; else it is closed and refused."""
         try:
             self._same(_identity(os.fstat(fd)))
         except BaseException:
@@ -245,29 +248,8 @@ class SafetensorsFile:
         info = self.tensors[name]
         if not out.is_contiguous() or out.numel() * out.element_size() != info.nbytes or out.dtype != torch_dtype(info.dtype):
             raise ValueError(f"read_into({name!r}): the target does not match the stored tensor")
-        if info.nbytes == 0:
-            return
-        view = memoryview(out.view(-1).view(torch_dtype("U8")).numpy()).cast("B")
-        if self._data is not None:
-            view[:] = self._data[info.start : info.end]
-            return
-        own = fd is None
-        try:
-            if own:
-                fd = self._open()
-            try:
-                done = 0
-                while done < info.nbytes:
-                    got = os.preadv(fd, [view[done:]], info.start + done)
-                    if got <= 0:
-                        self.check_unchanged()
-                        raise self._fail(f"truncated file while reading tensor {name!r}")
-                    done += got
-            finally:
-                if own:
-                    os.close(fd)
-        except OSError as exc:
-            raise self._fail(f"cannot read tensor {name!r}: {exc.strerror or exc}") from None
+        if info.nbytes:
+            self.read_spans([(name, memoryview(out.view(-1).view(torch_dtype("U8")).numpy()).cast("B"))], fd)
 
     def read_spans(self, spans: list[tuple[str, memoryview]], fd: int | None = None) -> None:
         """Several tensors' bytes into byte views (each its tensor's size), in one ``preadv`` per run
@@ -329,12 +311,7 @@ class SafetensorsFile:
             fd = open_regular(self.path)
         except StorageError as exc:
             raise self._fail(exc.problem) from None
-        try:
-            self._same(_identity(os.fstat(fd)))
-        except BaseException:
-            os.close(fd)
-            raise
-        with os.fdopen(fd, "rb") as fh:
+        with os.fdopen(self._checked(fd), "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
         return digest.hexdigest()

@@ -408,13 +408,12 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
                 for a, cosine in zip(holders, nearest_twin(As)):
                     if cosine is not None:
                         twins[a.name, m] = round(cosine, 4)
-            for g, (module, result) in enumerate(zip(batch, results)):
-                if not held_out_fits(ranks):
-                    break
-                factors = [(B[g, t, :, :r], A[g, t, :r]) for t, r in enumerate(ranks)]
-                held = held_out_errors(factors, scales[g].tolist(), result.U.shape[1], result.V.shape[1])
-                for a, err2 in zip(holders, held or []):
-                    loo[a.name, module] = err2
+            if held_out_fits(ranks):  # else held_out_errors computes nothing: no T views per module for it
+                for g, (module, result) in enumerate(zip(batch, results)):
+                    factors = [(B[g, t, :, :r], A[g, t, :r]) for t, r in enumerate(ranks)]
+                    held = held_out_errors(factors, scales[g].tolist(), result.U.shape[1], result.V.shape[1])
+                    for a, err2 in zip(holders, held or []):
+                        loo[a.name, module] = err2
             del B, A
             for module, result in zip(batch, results):
                 n, d = shapes[module]
