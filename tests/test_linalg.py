@@ -211,10 +211,15 @@ def test_range_basis_on_factors_is_the_range_basis_of_the_formed_stack():
     assert torch.allclose(factored.T @ factored, torch.eye(12, dtype=torch.float64), atol=1e-10)
 
 
-def test_sketch_holds_the_leading_subspaces_and_the_exact_total():
+@pytest.mark.parametrize("half", [None, torch.bfloat16], ids=["float32", "bfloat16 then float32"])
+def test_sketch_holds_the_leading_subspaces_and_the_exact_total(monkeypatch, half):
     """On a gapped stack the sketch's working bases hold the dense top directions of both sides,
-    mixed ranks and a singular Gram (zero padding) included, and its total is Σ‖ΔW_t‖²."""
+    mixed ranks and a singular Gram (zero padding) included, and its total is Σ‖ΔW_t‖²; the same
+    to float32 rounding when the early power iterations run in bfloat16 (``linalg.fast_half``):
+    the last one, in float32, takes their rounding away (all in bfloat16, the bases were 2·10⁻³ off)."""
     from sharecompress.core.compress import sketch
+
+    monkeypatch.setattr(linalg, "fast_half", lambda device: half)
 
     n, d, k = 60, 50, 4
     gen = torch.Generator().manual_seed(5)
@@ -234,8 +239,29 @@ def test_sketch_holds_the_leading_subspaces_and_the_exact_total():
     U_ref = torch.linalg.svd(torch.cat(dense, dim=1))[0][:, :k]
     V_ref = torch.linalg.svd(torch.cat(dense, dim=0))[2][:k].T
     held = lambda W, Ref: float(torch.linalg.matrix_norm(Ref - W @ (W.T @ Ref), ord=2))  # noqa: E731
-    assert held(WU.double(), U_ref) < 1e-5 and held(WV.double(), V_ref) < 1e-5
+    assert held(WU.double(), U_ref) < 1e-6 and held(WV.double(), V_ref) < 1e-6
     assert float(total) == pytest.approx(sum(float(x.pow(2).sum()) for x in dense), rel=1e-6)
+
+
+def test_fast_half_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    """bfloat16 on a CPU that says it has AVX512-BF16 (or AMX), nothing elsewhere: GPUs and CPUs
+    without them keep float32 products, and a changed private probe falls back to float32."""
+    assert linalg.fast_half(torch.device("cuda")) is None
+    assert linalg.fast_half(torch.device("meta")) is None
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    assert linalg.fast_half(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert linalg.fast_half(torch.device("cpu")) is torch.bfloat16
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert linalg.fast_half(torch.device("cpu")) is None
+
+    def broken() -> bool:
+        raise RuntimeError("probe changed")
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", broken, raising=False)
+    assert linalg.fast_half(torch.device("cpu")) is None
 
 
 def test_gram_roots_of_singular_and_ill_conditioned_grams():
