@@ -217,17 +217,16 @@ def project_all(
     on the stored (rounded) values. ``grams``: ``linalg.factor_grams(B, A)`` when the caller has them.
     """
     f64 = torch.float64
-    U64, V64 = U.to(f64), V.to(f64)
-    B64, A64, s64 = B.to(f64), A.to(f64), s.to(f64)
-    P = (B64.mT @ U64).mT  # (T, k, r): one GEMM where B lies as its rows (``as_rows``)
-    Q = A64 @ V64  # (T, r, k)
+    U64, V64, s64 = U.to(f64), V.to(f64), s.to(f64)
+    P = linalg.wide_products(B.mT, U64).mT  # (T, k, r): B's rows as they lie (``as_rows``), widened in chunks
+    Q = linalg.wide_products(A, V64)  # (T, r, k)
     k = min(U.shape[1], V.shape[1])
     keeps = [min(r, k, p if p is not None else r) for r in ranks]
     E, F = linalg.split_cores(P, Q, s64, keeps, ranks)
     E, F = E.to(store), F.to(store)
-    grams = grams or linalg.factor_grams(B64, A64)  # shared by the errors and the parts
-    err2, norm2 = linalg.squared_errors(B64, A64, s64, U64, E, F, V64, P, Q, grams)
-    parts = merge_parts(U64, V64, P, Q, B64, A64, s64, E, F, grams)
+    grams = grams or linalg.factor_grams(B, A)  # shared by the errors and the parts
+    err2, norm2 = linalg.squared_errors(B, A, s64, U64, E, F, V64, P, Q, grams)
+    parts = merge_parts(U64, V64, P, Q, B, A, s64, E, F, grams)
     # to the host in one transfer each (a GPU merge would otherwise wait on 2·T tiny copies per module)
     E, F, err2, norm2, parts = E.cpu(), F.cpu(), err2.tolist(), norm2.tolist(), parts.tolist()
     width, Es, Fs = E.shape[2], E.unbind(0), F.unbind(0)  # T views in one call: a zoo of 500 makes 64,000 of them
@@ -319,7 +318,6 @@ def compress_stacked(
     device: torch.device | str = "cpu",
     finished: Callable[[int], None] | None = None,
     not_finite: Callable[[], None] | None = None,
-    scratch: Scratch | None = None,
 ) -> list[ModuleResult]:
     """Bases and cores for G modules of one shape: B (G, T, n, r), A (G, T, r, d) zero-padded to the
     largest of ``ranks`` (adapter t's own rank), s (G, T) the scales.
@@ -329,8 +327,6 @@ def compress_stacked(
     nearly all the arithmetic — run as one batched call; what follows works on small projected
     factors and goes module by module. Results equal G separate ``compress_module`` calls.
     ``rule`` and ``p`` are one for all, or one per module (a budget gives each its own k and p).
-    ``scratch``: buffers for the batch's float64 copies, kept for the next batch (a merge's); nothing
-    returned refers to them.
     The stacks are checked for NaN or Inf once, on the device, through their float64 Grams (a
     diagonal entry, a sum of squares, is not finite when any element of its factor is not);
     ``not_finite`` is called then, to name the file (it raises), else ValueError.
@@ -343,9 +339,7 @@ def compress_stacked(
     s = s.to(device=device, dtype=torch.float64)
     work = torch.float64 if B.dtype == torch.float64 else torch.float32
     B, A = as_rows(B, work), widened(A, work)  # widened once, on the device
-    # the exact figures' copies, made once for the batch
-    B64, A64 = as_rows(B, torch.float64, scratch, "B64"), widened(A, torch.float64, scratch, "A64")
-    grams = linalg.factor_grams(B64, A64)
+    grams = linalg.factor_grams(B, A)  # float64, widened a chunk at a time (``linalg.wide_products``)
     # a NaN or Inf anywhere in a factor makes its Gram's diagonal (Σ of squares) NaN or Inf
     if not all(bool(torch.isfinite(X.diagonal(dim1=-2, dim2=-1).sum())) for X in grams):
         if not_finite is not None:
@@ -361,7 +355,7 @@ def compress_stacked(
         mine = None if sketched is None else tuple(t[g] for t in sketched)
         U, V, curve, done = module_bases(B[g], A[g], s[g], rules[g], method, sweeps, total_rank, mine)
         U_st, V_st = U.to(store).contiguous(), V.to(store).contiguous()
-        cores = project_all(U_st, V_st, B64[g], A64[g], s[g], ranks, ps[g], store, (grams[0][g], grams[1][g]))
+        cores = project_all(U_st, V_st, B[g], A[g], s[g], ranks, ps[g], store, (grams[0][g], grams[1][g]))
         results.append(ModuleResult(U_st.cpu(), V_st.cpu(), cores, curve.cpu(), done))
         if finished:
             finished(g)  # a progress bar advances per module, not per batch

@@ -40,8 +40,38 @@ def gauge_roots(rows: torch.Tensor) -> torch.Tensor:
 def factor_grams(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(BᵀB, AAᵀ) per adapter in float64, batched: the exact errors, the bound parts, the gauge roots
     and a merge's finiteness check all read them."""
-    B64, A64 = B.to(torch.float64), A.to(torch.float64)
-    return B64.transpose(-1, -2) @ B64, A64 @ A64.transpose(-1, -2)
+    return wide_products(B.transpose(-1, -2)), wide_products(A)
+
+
+# bytes of float64 rows widened at a time: a chunk stays in the cache from its widening to its products
+WIDE_CHUNK = 2 << 20
+
+
+def wide_products(rows: torch.Tensor, right: torch.Tensor | None = None) -> torch.Tensor:
+    """rows·rowsᵀ (``right`` None) or rows·right, in float64, for rows (…, r, n) of any float dtype.
+
+    The exact figures need these products in float64. A float64 copy of a batch's factors, made
+    whole, is twice their float32 size, and writing it to memory and reading it back cost more than
+    the products: on the 2-core machine the float64 copies, Grams and projections of a batch of 128
+    rank-16 adapters of 1024 × 1024 took 11.0 ms per module whole, 8.2 ms with the rows widened
+    2 MiB at a time, each chunk multiplied while it is in the cache. Float64 rows, and a GPU's, are
+    multiplied as they are (a GPU's memory makes the copy cheap; a loop of small launches is not).
+    """
+    f64 = torch.float64
+    R = None if right is None else right.to(f64)
+    if rows.dtype == f64 or rows.device.type != "cpu":
+        X = rows.to(f64)
+        return X @ (X.transpose(-1, -2) if R is None else R)
+    *lead, r, n = rows.shape
+    flat = rows.reshape(-1, r, n)
+    count = flat.shape[0]
+    out = torch.empty(count, r, r if R is None else R.shape[-1], dtype=f64)
+    step = max(1, min(count, WIDE_CHUNK // max(1, r * n * 8)))
+    buf = torch.empty(step, r, n, dtype=f64)
+    for i in range(0, count, step):
+        X = buf[: min(step, count - i)].copy_(flat[i : i + step])
+        torch.matmul(X, X.transpose(-1, -2) if R is None else R, out=out[i : i + step])
+    return out.reshape(*lead, r, out.shape[-1])
 
 
 def gram_roots(G: torch.Tensor) -> torch.Tensor:
@@ -415,9 +445,9 @@ def squared_errors(
     ``P`` = UᵀB and ``Q`` = A V, and ``grams`` = (BᵀB, AAᵀ), when the caller has them, are not computed again.
     """
     f64 = torch.float64
-    B, A, s, U, E, F, V = (t.to(f64) for t in (B, A, s, U, E, F, V))
-    P = U.T @ B if P is None else P.to(f64)
-    Q = A @ V if Q is None else Q.to(f64)
+    s, U, E, F, V = (t.to(f64) for t in (s, U, E, F, V))  # B and A only where P, Q or the Grams are missing
+    P = wide_products(B.transpose(-1, -2), U).transpose(-1, -2) if P is None else P.to(f64)
+    Q = wide_products(A, V) if Q is None else Q.to(f64)
     s1 = s[:, None, None]
     BtB, AAt = grams if grams is not None else factor_grams(B, A)
     G11 = s1 * s1 * BtB

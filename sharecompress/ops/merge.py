@@ -376,7 +376,6 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
     twins: dict[tuple[str, str], float] = {}  # (adapter, module): lora_A's largest cosine with another's
     loo: dict[tuple[str, str], float] = {}  # (adapter, module): squared error on bases fit without it
     done = 0
-    scratch = Scratch()
     try:
         # Batch i's stacks live in slots[i % 2]: the reader fills batch i + 2's only once batch i is
         # done with (it is asked for after batch i + 1 was taken), and nothing of a batch outlives it.
@@ -398,7 +397,7 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
             tick = (lambda g, base=done, batch=batch: progress(base + g + 1, len(order), batch[g])) if progress else None
             bad = lambda batch=batch: name_the_bad_tensor(holders_of[batch[0]], batch)  # noqa: E731
             try:
-                results = compress_stacked(B, A, scales, ranks, per(rule), method, sweeps, per(p), store, device, tick, bad, scratch)
+                results = compress_stacked(B, A, scales, ranks, per(rule), method, sweeps, per(p), store, device, tick, bad)
             except torch.linalg.LinAlgError as exc:  # finite factors whose products overflow float32, say
                 where = holders[0].source if len(holders) == 1 else "the adapters"
                 raise InputError(where, f"the factors of {', '.join(batch)} could not be decomposed ({str(exc).splitlines()[0]}); "
