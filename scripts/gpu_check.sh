@@ -3,7 +3,7 @@
 # 32 layers × q/k/v/o of 4096×4096, rank 16, fp16, streamed from disk), the same merge timed phase
 # by phase in process (scripts/merge_phases.py), and the runtime benchmark.
 #
-#   bash scripts/gpu_check.sh            # the full check (about 5 minutes on one H100)
+#   bash scripts/gpu_check.sh            # the full check (about 6 minutes on one H100)
 #   bash scripts/gpu_check.sh --small    # tiny sizes, every stage end to end (falls back to the CPU without CUDA)
 #   GPU_CHECK_ADAPTERS=128 GPU_CHECK_SKIP="runtime_bench" bash scripts/gpu_check.sh   # a smaller zoo, a stage left out
 #
@@ -34,7 +34,7 @@ T_START=$(date +%s)
 if [ "$SMALL" = 1 ]; then
   CAP_ENV=60; CAP_TESTS=300; CAP_RT_TEST=300; CAP_BENCH=180; CAP_PHASES=120; CAP_RUNTIME=180
 else
-  CAP_ENV=20; CAP_TESTS=80; CAP_RT_TEST=50; CAP_BENCH=240; CAP_PHASES=75; CAP_RUNTIME=75  # 540 s at most, about 5 min expected
+  CAP_ENV=20; CAP_TESTS=80; CAP_RT_TEST=50; CAP_BENCH=240; CAP_PHASES=60; CAP_RUNTIME=75  # 585 s at most, about 6 min expected
 fi
 
 NAMES=(); CODES=(); TIMES=()
@@ -132,6 +132,9 @@ read -r SRC K < <("$PY" -c "import json, sys; c = json.load(open(sys.argv[1]))['
   "$OUTDIR/gpu_bench.json" 2>/dev/null)
 if [ -n "${SRC:-}" ] && [ -d "$SRC" ]; then
   stage merge_phases "$CAP_PHASES" "$PY" scripts/merge_phases.py "$SRC" -k "$K" --device "$DEV"
+  # the same with the sketch's early power iterations in bfloat16 (the package keeps a GPU's in float32
+  # until this has been measured): its time and its zoo error beside the line above
+  stage merge_phases_bf16 "$CAP_PHASES" "$PY" scripts/merge_phases.py "$SRC" -k "$K" --device "$DEV" --sketch-half bfloat16
 else
   echo "=================== [merge_phases] skipped: the merge benchmark left no sources"
 fi
@@ -161,6 +164,8 @@ fi
   echo
   echo "--- the merge's phases (in process) ---"
   grep -hE "^(\||[0-9]+ adapters from)" "$OUTDIR/merge_phases.log" 2>/dev/null
+  echo "--- the same, the sketch's early iterations in bfloat16 ---"
+  grep -hE "^(\||[0-9]+ adapters from)" "$OUTDIR/merge_phases_bf16.log" 2>/dev/null
   echo
   echo "--- runtime benchmark ---"
   grep -hE "^(device:|\|)" "$OUTDIR/runtime_bench.log" 2>/dev/null

@@ -9,6 +9,11 @@ writing), so they do not add up to the whole.
 
     python scripts/merge_phases.py /tmp/sharecompress_gpu_bench/src-500x32x4096-r16 --device cuda
     python scripts/merge_phases.py /tmp/bench13/zoo-128x8x1024-r16 --zoo /tmp/phases-zoo
+    python scripts/merge_phases.py SRC --device cuda --sketch-half bfloat16   # the GPU's sketch in bfloat16 too
+
+``--sketch-half`` overrides ``sharecompress.core.linalg.fast_half``, the choice of the dtype the
+sketch's early power iterations run in (auto: bfloat16 on a CPU with native bfloat16 products,
+float32 elsewhere), so that one machine can time both and compare the zoo's error.
 """
 
 from __future__ import annotations
@@ -40,14 +45,22 @@ def main() -> None:
     ap.add_argument("--zoo", type=Path, default=None, help="where the zoo goes (default: a temporary directory, removed)")
     ap.add_argument("-k", type=int, default=32)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--sketch-half", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="dtype of the sketch's early power iterations (default: the package's own choice)")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
     import torch
 
     import sharecompress.ops.merge as merge_module
+    from sharecompress.core import linalg
+    from sharecompress.zoo import Zoo
 
     device = merge_module.resolve_device(args.device)
+    if args.sketch_half != "auto":
+        half = None if args.sketch_half == "float32" else torch.bfloat16
+        linalg.fast_half = lambda _device: half
+    half = linalg.fast_half(device)
     if device.type == "cuda":
         torch.zeros(1, device=device)
         torch.cuda.synchronize()
@@ -92,8 +105,10 @@ def main() -> None:
     finally:
         Future.result = result
     total = time.perf_counter() - t
+    error = Zoo.open(target).report()["relative_error"]
     print(f"{len(sources)} adapters from {args.sources}, -k {args.k}, on {device}"
-          f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}")
+          f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}; "
+          f"sketch's early iterations in {half or torch.float32}; zoo relative error {error:.6f}")
     print(f"\n| phase | seconds |\n|---|---:|\n| importing torch (and starting CUDA) | {started:.2f} |\n| merge() | {total:.2f} |")
     for label, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"| {label} | {seconds:.2f} |")
