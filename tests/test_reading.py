@@ -4,6 +4,8 @@ time, in far fewer system calls (each a point where a reading thread waits for P
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import random
 
@@ -196,13 +198,16 @@ def test_integers_beyond_64_bits_are_refused(text):
 def test_only_keys_of_ordinary_length_are_remembered():
     """The header parser remembers the keys it has parsed (every adapter of a zoo repeats them),
     but not a hostile file's huge ones (a review kept 240 MB alive through four refused files)."""
-    from sharecompress.io import formats
+    from sharecompress.io import formats, readers
 
-    before = formats._parse_key_cached.cache_info().currsize, formats._layouts_cached.cache_info().currsize
+    caches = (formats._parse_key_cached, formats._layouts_cached, readers._not_low_rank_cached)
+    before = [cache.cache_info().currsize for cache in caches]
     huge = "x" * 100_000 + ".lora_A.weight"
     assert formats.parse_key(huge, "peft").module == "x" * 100_000 and formats.layouts_of(huge)
-    after = formats._parse_key_cached.cache_info().currsize, formats._layouts_cached.cache_info().currsize
-    assert after == before
+    readers._refuse_not_low_rank(SafetensorsFile.from_bytes("huge.safetensors", _file_bytes({huge: (2, 4)})))
+    with pytest.raises(InputError, match="LoHa"):
+        readers._refuse_not_low_rank(SafetensorsFile.from_bytes("loha.safetensors", _file_bytes({"hada_" + huge: (2, 4)})))
+    assert [cache.cache_info().currsize for cache in caches] == before
     assert formats.parse_key("m.lora_B.weight", "peft") == formats.parse_key("m.lora_B.weight", "peft")
 
 
@@ -218,3 +223,69 @@ def test_buffers_asked_to_be_page_locked_fall_back_to_pageable_memory():
     assert small.is_pinned() == torch.cuda.is_available()
     large = buffers.take("large", (scratch_module.PIN_LIMIT // 2 + 1,), torch.float16, torch.device("cpu"))
     assert not large.is_pinned()
+
+
+def test_one_header_shared_by_many_files_is_parsed_once_and_never_shared(tmp_path, monkeypatch):
+    """Files whose headers are the same bytes (a zoo's adapters, its cores files) are parsed and
+    checked once; each file still gets its own tables, and its own identity."""
+    safetensors_file._cached_header.cache_clear()
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(2, 2)}
+    paths = [tmp_path / f"f{i}.safetensors" for i in range(3)]
+    for path in paths:
+        save_file({name: t * (1 + paths.index(path)) for name, t in tensors.items()}, str(path))
+    parses = []
+    real = jsonio.loads
+    monkeypatch.setattr(jsonio, "loads", lambda *a, **k: parses.append(1) or real(*a, **k))
+    files = [SafetensorsFile(path) for path in paths]
+    assert len(parses) == 1
+    assert files[0].tensors == files[1].tensors and files[0].tensors is not files[1].tensors
+    files[0].tensors.pop("a")
+    assert "a" in files[1].tensors and "a" in SafetensorsFile(paths[2]).tensors
+    assert len({f.identity for f in files}) == 3
+    for i, f in enumerate(files[1:], start=1):
+        assert torch.equal(f.read("b"), tensors["b"] * (1 + i))
+
+
+def test_a_known_header_on_a_file_of_another_size_is_checked_again(tmp_path):
+    """The table depends on the file's size too: a file cut short behind a header seen before is refused."""
+    safetensors_file._cached_header.cache_clear()
+    good, cut = tmp_path / "good.safetensors", tmp_path / "cut.safetensors"
+    save_file({"a": torch.randn(8, 8)}, str(good))
+    SafetensorsFile(good)
+    cut.write_bytes(good.read_bytes()[:-4])
+    with pytest.raises(InputError, match="runs past the end") as refused:
+        SafetensorsFile(cut)
+    assert str(cut) in str(refused.value)
+    SafetensorsFile(good)  # the good one still parses
+
+
+def _file_bytes(shapes: dict[str, tuple[int, ...]]) -> bytes:
+    """A float32 safetensors file of zeros, as bytes: one entry per name, back to back."""
+    header, at = {}, 0
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [at, at + size]}
+        at += size
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + bytes(at)
+
+
+def test_a_large_header_is_parsed_but_not_kept():
+    """Headers above HEADER_CACHE_BYTES (a hostile file's, say) are parsed each time and never kept alive."""
+    safetensors_file._cached_header.cache_clear()
+    wide = _file_bytes({f"t{i:06d}" + "x" * 100: (1,) for i in range(6000)})
+    assert len(wide) > safetensors_file.HEADER_CACHE_BYTES
+    assert len(SafetensorsFile.from_bytes("wide.safetensors", wide).tensors) == 6000
+    assert safetensors_file._cached_header.cache_info().currsize == 0
+    SafetensorsFile.from_bytes("small.safetensors", _file_bytes({"a": (2, 2)}))
+    assert safetensors_file._cached_header.cache_info().currsize == 1
+
+
+def test_a_refused_header_is_refused_every_time(tmp_path):
+    safetensors_file._cached_header.cache_clear()
+    text = b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'
+    for i in range(2):
+        path = tmp_path / f"dup{i}.safetensors"
+        path.write_bytes(len(text).to_bytes(8, "little") + text + b"\0" * 8)
+        with pytest.raises(InputError, match="twice"):
+            SafetensorsFile(path)

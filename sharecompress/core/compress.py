@@ -223,7 +223,7 @@ def project_all(
     k = min(U.shape[1], V.shape[1])
     keeps = [min(r, k, p if p is not None else r) for r in ranks]
     E, F = linalg.split_cores(P, Q, s64, keeps, ranks)
-    E, F = E.to(store), F.to(store)
+    E, F = E.to(store).contiguous(), F.to(store).contiguous()  # one copy each: every core a contiguous view (written as it lies)
     grams = grams or linalg.factor_grams(B, A)  # shared by the errors and the parts
     err2, norm2 = linalg.squared_errors(B, A, s64, U64, E, F, V64, P, Q, grams)
     parts = merge_parts(U64, V64, P, Q, B, A, s64, E, F, grams)

@@ -83,10 +83,10 @@ def parse_key(key: str, layout: str) -> LoraKey | None:
 
     Every adapter of a zoo repeats the same keys, so they are parsed once each; only keys of
     ordinary length are remembered (a hostile file's megabyte-long keys are not kept alive)."""
-    return _parse_key_cached(key, layout) if len(key) <= _CACHED_KEY_CHARS else _parse_key(key, layout)
+    return _parse_key_cached(key, layout) if len(key) <= CACHED_KEY_CHARS else _parse_key(key, layout)
 
 
-_CACHED_KEY_CHARS = 256
+CACHED_KEY_CHARS = 256
 
 
 def _parse_key(key: str, layout: str) -> LoraKey | None:
@@ -102,7 +102,7 @@ _parse_key_cached = functools.lru_cache(maxsize=1 << 14)(_parse_key)
 
 def layouts_of(key: str) -> frozenset[str]:
     """Every layout under which ``key`` is a LoRA factor (empty for other tensors)."""
-    return _layouts_cached(key) if len(key) <= _CACHED_KEY_CHARS else _layouts_of(key)
+    return _layouts_cached(key) if len(key) <= CACHED_KEY_CHARS else _layouts_of(key)
 
 
 def _layouts_of(key: str) -> frozenset[str]:

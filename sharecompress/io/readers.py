@@ -8,6 +8,7 @@ disagreement, DoRA, pickles, bad configs) is found before any compute starts.
 
 from __future__ import annotations
 
+import functools
 import glob
 import math
 import re
@@ -377,12 +378,23 @@ def parse_adapter(
 def _refuse_not_low_rank(file: SafetensorsFile) -> None:
     """LoHa, LoKr, OFT, DoRA, …: not an update B·A, so refused by name rather than misread."""
     for key in file.tensors:
-        for marker, label in _NOT_LOW_RANK.items():
-            if marker in key:
-                raise InputError(file.path, f"{label} tensors ({key!r}) are not plain low-rank LoRA: refused")
-        for suffix, label in _NOT_LOW_RANK_SUFFIXES.items():
-            if key.endswith(suffix):
-                raise InputError(file.path, f"{label} tensors ({key!r}) are not plain low-rank LoRA: refused")
+        label = _not_low_rank_cached(key) if len(key) <= formats.CACHED_KEY_CHARS else _not_low_rank(key)
+        if label is not None:
+            raise InputError(file.path, f"{label} tensors ({key!r}) are not plain low-rank LoRA: refused")
+
+
+def _not_low_rank(key: str) -> str | None:
+    """The format whose tensor ``key`` names, when it is not plain low-rank LoRA (else None)."""
+    for marker, label in _NOT_LOW_RANK.items():
+        if marker in key:
+            return label
+    for suffix, label in _NOT_LOW_RANK_SUFFIXES.items():
+        if key.endswith(suffix):
+            return label
+    return None
+
+
+_not_low_rank_cached = functools.lru_cache(maxsize=1 << 14)(_not_low_rank)  # a zoo's adapters repeat their keys
 
 
 def _pair_keys(file: SafetensorsFile, layout: str) -> tuple[dict[str, dict[str, str]], dict[str, str], list[str]]:

@@ -10,6 +10,7 @@ Never unpickles anything: safetensors is a plain header plus raw little-endian b
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -64,6 +65,94 @@ class TensorInfo:
     @property
     def is_float(self) -> bool:
         return self.dtype in FLOAT_DTYPES
+
+
+class HeaderProblem(ValueError):
+    """A header this tool refuses; the message says why (the caller names the file)."""
+
+
+# The adapters of one zoo, and a zoo's cores files, mostly share their header byte for byte (same
+# modules, ranks and dtypes): each distinct header is parsed and checked once. A table is a pure
+# function of the header's bytes and the file's size, and is copied out, never shared.
+HEADER_CACHE_BYTES = 512 << 10  # larger headers (over ~4,000 tensors) are parsed every time, never kept
+HEADER_CACHE_SIZE = 16
+
+
+def parsed_header(raw: bytes, size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """(tensors, metadata) of a header ``raw`` (the JSON after the 8-byte length) in a file of
+    ``size`` bytes, checked as the safetensors library checks it; HeaderProblem otherwise.
+    The caller copies the two dicts before keeping them."""
+    if len(raw) <= HEADER_CACHE_BYTES:
+        return _cached_header(raw, size)
+    return _header(raw, size)
+
+
+@functools.lru_cache(maxsize=HEADER_CACHE_SIZE)
+def _cached_header(raw: bytes, size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    return _header(raw, size)  # a refusal raises, and is not kept
+
+
+def _header(raw: bytes, size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    if not raw.startswith(b"{"):
+        raise HeaderProblem("not a safetensors file: header is not a JSON object")
+    try:
+        header = jsonio.loads(raw, max_depth=4)
+    except jsonio.JSONProblem as exc:
+        raise HeaderProblem(f"not a safetensors file: header is {exc}") from None
+    if not isinstance(header, dict):
+        raise HeaderProblem("not a safetensors file: header is not a JSON object")
+    data_start = 8 + len(raw)
+    data_len = size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in entry.items()):
+                raise HeaderProblem("invalid safetensors header: __metadata__ must map str to str")
+            metadata = dict(entry)
+            continue
+        tensors[name] = _entry(name, entry, data_start, data_len)
+    _check_layout(tensors, data_start, data_len)
+    return tensors, metadata
+
+
+def _check_layout(tensors: dict[str, TensorInfo], data_start: int, data_len: int) -> None:
+    """As the safetensors library: tensors tile the data exactly (no overlap, gap or trailing bytes)."""
+    at = 0
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        begin = info.start - data_start
+        if begin < at:
+            raise HeaderProblem(f"invalid safetensors file: tensor {info.name!r} overlaps another")
+        if begin > at:
+            raise HeaderProblem(f"invalid safetensors file: {begin - at} unused bytes before tensor {info.name!r}")
+        at = info.end - data_start
+    if at != data_len:
+        raise HeaderProblem(f"invalid safetensors file: {data_len - at} bytes after the last tensor")
+
+
+def _entry(name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise HeaderProblem(f"invalid safetensors header entry for tensor {name!r}")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in SIZES:
+        raise HeaderProblem(f"tensor {name!r} has unsupported dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
+        raise HeaderProblem(f"tensor {name!r} has an invalid shape {shape!r}")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise HeaderProblem(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    numel = 1
+    for s in shape:
+        numel *= s
+    if offsets[1] - offsets[0] != numel * SIZES[dtype]:
+        raise HeaderProblem(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes stored for shape {shape} {dtype}")
+    if offsets[1] > data_len:
+        raise HeaderProblem(f"truncated file: tensor {name!r} runs past the end of the file")
+    return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
 class SafetensorsFile:
@@ -125,65 +214,11 @@ class SafetensorsFile:
 
     def _parse(self) -> None:
         size, raw, hlen = self._head()
-        if not raw.startswith(b"{"):
-            raise self._fail("not a safetensors file: header is not a JSON object")
         try:
-            header = jsonio.loads(raw, max_depth=4)
-        except jsonio.JSONProblem as exc:
-            raise self._fail(f"not a safetensors file: header is {exc}") from None
-        if not isinstance(header, dict):
-            raise self._fail("not a safetensors file: header is not a JSON object")
-        data_start = 8 + hlen
-        data_len = size - data_start
-        for name, entry in header.items():
-            if name == "__metadata__":
-                if not isinstance(entry, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in entry.items()
-                ):
-                    raise self._fail("invalid safetensors header: __metadata__ must map str to str")
-                self.metadata = dict(entry)
-                continue
-            self.tensors[name] = self._check_entry(name, entry, data_start, data_len)
-        self._check_layout(data_start, data_len)
-
-    def _check_layout(self, data_start: int, data_len: int) -> None:
-        """As the safetensors library: tensors tile the data exactly (no overlap, gap or trailing bytes)."""
-        at = 0
-        for info in sorted(self.tensors.values(), key=lambda t: (t.start, t.end)):
-            begin = info.start - data_start
-            if begin < at:
-                raise self._fail(f"invalid safetensors file: tensor {info.name!r} overlaps another")
-            if begin > at:
-                raise self._fail(f"invalid safetensors file: {begin - at} unused bytes before tensor {info.name!r}")
-            at = info.end - data_start
-        if at != data_len:
-            raise self._fail(f"invalid safetensors file: {data_len - at} bytes after the last tensor")
-
-    def _check_entry(self, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
-        if not isinstance(entry, dict):
-            raise self._fail(f"invalid safetensors header entry for tensor {name!r}")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in SIZES:
-            raise self._fail(f"tensor {name!r} has unsupported dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
-            raise self._fail(f"tensor {name!r} has an invalid shape {shape!r}")
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]
-        ):
-            raise self._fail(f"tensor {name!r} has invalid data_offsets {offsets!r}")
-        numel = 1
-        for s in shape:
-            numel *= s
-        if offsets[1] - offsets[0] != numel * SIZES[dtype]:
-            raise self._fail(
-                f"tensor {name!r}: {offsets[1] - offsets[0]} bytes stored for shape {shape} {dtype}"
-            )
-        if offsets[1] > data_len:
-            raise self._fail(f"truncated file: tensor {name!r} runs past the end of the file")
-        return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+            tensors, metadata = parsed_header(raw, size)
+        except HeaderProblem as exc:
+            raise self._fail(str(exc)) from None
+        self.tensors, self.metadata = dict(tensors), dict(metadata)
 
     def check_unchanged(self) -> None:
         """Refuse a file that is no longer the one whose header was read (another file in its place,
@@ -337,10 +372,12 @@ def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = N
     offset = 0
     flat: list[torch.Tensor] = []
     for name in names:
-        t = tensors[name].detach().to("cpu").contiguous()
+        t = tensors[name]
+        if t.requires_grad or t.device.type != "cpu" or not t.is_contiguous():  # a zoo's 64,000 cores mostly are already
+            t = t.detach().to("cpu").contiguous()
         if t.dtype not in dtype_names:
             raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored")
-        nbytes = t.numel() * t.element_size()
+        nbytes = t.nbytes
         header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
         flat.append(t)
@@ -349,4 +386,4 @@ def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = N
     yield memoryview(struct.pack("<Q", len(text)) + text)
     for t in flat:
         if t.numel():
-            yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            yield memoryview(t.view(-1).view(torch.uint8).numpy())
