@@ -13,8 +13,8 @@ __all__ = ["merge", "Zoo", "ShareError", "InputError", "ZooError", "__version__"
 
 
 def __getattr__(name: str):
-    """``merge`` and ``Zoo`` on first use: importing the package (or running ``--help``, ``list``,
-    ``verify``) does not import torch."""
+    """``merge`` and ``Zoo`` on first use: importing the package (or running ``--help`` or ``list``)
+    does not import torch."""
     if name in ("merge", "Zoo"):
         from . import zoo
 

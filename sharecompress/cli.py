@@ -110,17 +110,20 @@ def torch_imported() -> None:
     torch makes some 10⁵ objects that live to the end; while they are being made the collector
     walks them again and again. On the 2-core machine a bare `python -c "import torch"` took
     1.04–1.16 s, and 0.77–0.84 s with the collector paused for it (five runs each). Frozen, they are
-    skipped by every later collection too, the merge's and the exit's. ``list`` and ``verify`` never
-    import torch and do not call this.
+    skipped by every later collection too, the merge's and the exit's. ``list`` never imports torch
+    and does not call this. The collector is left as it was found (on, unless an embedding program
+    turned it off).
     """
     if "torch" in sys.modules:
         return
+    was_on = gc.isenabled()
     gc.disable()
     try:
         import torch  # noqa: F401
     finally:
         gc.freeze()
-        gc.enable()
+        if was_on:
+            gc.enable()
 
 
 @app.callback()
@@ -432,6 +435,7 @@ def verify(zoo: Path = ZooOption, as_json: bool = typer.Option(False, "--json", 
 
     Example: sharecompress verify --zoo zoo
     """
+    torch_imported()  # it reads every tensor to check it is finite
     from .store.verify import verify as run_verify
 
     if not zoo.exists():

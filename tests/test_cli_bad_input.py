@@ -270,6 +270,28 @@ def test_piped_list_prints_every_name_in_full(tmp_path):
     assert name in listed.output and str(tmp_path / name) in listed.output
 
 
+def test_torch_is_imported_with_the_collector_paused_then_frozen():
+    """The commands that need torch import it with the cyclic collector off (it walked torch's 10⁵
+    new objects again and again), freeze what it made and turn the collector back on, also when
+    the import fails."""
+    import subprocess
+    import sys
+
+    imported = ("import gc, sys\nfrom sharecompress.cli import torch_imported\ntorch_imported()\n"
+                "assert 'torch' in sys.modules and gc.isenabled(), gc.isenabled()\n"
+                "assert gc.get_freeze_count() > 10000, gc.get_freeze_count()\n")
+    failing = ("import gc, sys\nfrom sharecompress.cli import torch_imported\n"
+               "class Refuse:\n    def find_spec(self, name, path=None, target=None):\n"
+               "        if name == 'torch':\n            raise ImportError('no torch here')\n"
+               "sys.meta_path.insert(0, Refuse())\ntry:\n    torch_imported()\nexcept ImportError:\n    pass\n"
+               "else:\n    raise AssertionError('imported')\nassert gc.isenabled()\n")
+    left_off = ("import gc, sys\nfrom sharecompress.cli import torch_imported\ngc.disable()\ntorch_imported()\n"
+                "assert 'torch' in sys.modules and not gc.isenabled()\n")  # as an embedding program left it
+    for code in (imported, failing, left_off):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-500:]
+
+
 def test_help_and_list_do_not_import_torch(tmp_path):
     import subprocess
     import sys

@@ -258,10 +258,43 @@ def test_fast_half_only_where_the_cpu_multiplies_it_natively(monkeypatch):
     assert linalg.fast_half(torch.device("cpu")) is None
 
     def broken() -> bool:
-        raise RuntimeError("probe changed")
+        raise OSError("probe changed")
 
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", broken, raising=False)
-    assert linalg.fast_half(torch.device("cpu")) is None
+    for changed in (broken, True):  # a probe that raises, or one that is no longer a function (review finding)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", changed, raising=False)
+        assert linalg.fast_half(torch.device("cpu")) is None
+
+
+def _flat_rows(T=24, c=4, n=200, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(T, c, n, generator=gen)
+    return rows, torch.eye(c).expand(T, c, c).contiguous()
+
+
+def test_a_steep_spectrum_keeps_the_sketch_in_float32(monkeypatch):
+    """bfloat16 keeps 8 bits: with one adapter 1000× louder than the rest its rounding wiped out the
+    others' directions, and their errors rose 3 % (review finding). Where a random start's singular
+    values spread beyond ``HALF_SPREAD``, the range finder stays in float32 and returns exactly the
+    float32 basis; on a flat stack it takes the bfloat16 passes, to the same subspace."""
+    rows, D = _flat_rows()
+    loud = rows.clone()
+    loud[0] *= 1000.0
+    got = {}
+    for half in (None, torch.bfloat16):
+        monkeypatch.setattr(linalg, "fast_half", lambda device, half=half: half)
+        got[half] = (linalg.range_basis(loud, D, 16, power=3), linalg.range_basis(rows, D, 16, power=3))
+    assert torch.equal(got[None][0], got[torch.bfloat16][0])  # the steep stack: float32 throughout
+    flat32, flat16 = got[None][1], got[torch.bfloat16][1]
+    assert not torch.equal(flat32, flat16)  # the flat stack took the bfloat16 passes
+    assert _span_distance(flat16[:, :8], flat32) < 0.05  # and found the same leading directions
+
+
+def test_wide_products_of_zero_size_factors():
+    """No chunks to widen: the same empty products as a whole float64 copy (review finding: a reshape failed)."""
+    for shape in ((5, 0, 10), (5, 3, 0), (0, 3, 10)):
+        rows = torch.randn(shape)
+        assert linalg.wide_products(rows).shape == (shape[0], shape[1], shape[1])
+        assert torch.equal(linalg.wide_products(rows, torch.ones(shape[2], 2)), torch.zeros(shape[0], shape[1], 2, dtype=torch.float64))
 
 
 def test_gram_roots_of_singular_and_ill_conditioned_grams():
