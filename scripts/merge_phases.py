@@ -108,7 +108,8 @@ def main() -> None:
     error = Zoo.open(target).report()["relative_error"]
     print(f"{len(sources)} adapters from {args.sources}, -k {args.k}, on {device}"
           f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}; "
-          f"sketch's early iterations in {half or torch.float32}; zoo relative error {error:.6f}")
+          f"sketch's early iterations: {f'{half} where a batch’s spectrum allows' if half else torch.float32}; "
+          f"zoo relative error {error:.6f}")
     print(f"\n| phase | seconds |\n|---|---:|\n| importing torch (and starting CUDA) | {started:.2f} |\n| merge() | {total:.2f} |")
     for label, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"| {label} | {seconds:.2f} |")
