@@ -19,8 +19,8 @@ from sharecompress.errors import InputError
 from sharecompress.io import jsonio, safetensors_file
 from sharecompress.io.confined import Dir
 from sharecompress.io.readers import find_adapters
-from sharecompress.io.safetensors_file import SafetensorsFile
-from sharecompress.ops.merge import byte_view, load_stacked
+from sharecompress.io.safetensors_file import SafetensorsFile, byte_view
+from sharecompress.ops.merge import load_stacked
 
 
 def mixed_file(tmp_path):

@@ -284,7 +284,7 @@ class SafetensorsFile:
         if not out.is_contiguous() or out.numel() * out.element_size() != info.nbytes or out.dtype != torch_dtype(info.dtype):
             raise ValueError(f"read_into({name!r}): the target does not match the stored tensor")
         if info.nbytes:
-            self.read_spans([(name, memoryview(out.view(-1).view(torch_dtype("U8")).numpy()).cast("B"))], fd)
+            self.read_spans([(name, byte_view(out))], fd)
 
     def read_spans(self, spans: list[tuple[str, memoryview]], fd: int | None = None) -> None:
         """Several tensors' bytes into byte views (each its tensor's size), in one ``preadv`` per run
@@ -352,6 +352,13 @@ class SafetensorsFile:
         return digest.hexdigest()
 
 
+def byte_view(x: "torch.Tensor") -> memoryview:
+    """The bytes of a contiguous tensor on the host, writable in place (any dtype, bfloat16 too)."""
+    import torch
+
+    return memoryview(x.view(-1).view(torch.uint8).numpy()).cast("B")
+
+
 def _identity(info: os.stat_result) -> tuple:
     return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
@@ -362,8 +369,6 @@ def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = N
     The layout is the library's (8-byte length, JSON header padded to 8 bytes, tensors tiling
     the data in order), and ``tests/test_safety.py`` reads the result back with the library.
     """
-    import torch
-
     if sys.byteorder != "little":  # safetensors is little-endian; the raw views below are native
         raise RuntimeError("writing safetensors files needs a little-endian machine")
     dtype_names = {torch_dtype(name): name for name in SIZES}
@@ -386,4 +391,4 @@ def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = N
     yield memoryview(struct.pack("<Q", len(text)) + text)
     for t in flat:
         if t.numel():
-            yield memoryview(t.view(-1).view(torch.uint8).numpy())
+            yield byte_view(t)

@@ -18,6 +18,7 @@ from ..errors import InputError, ZooError
 from ..io.adapter import Adapter
 from ..io.confined import Dir
 from ..io.readers import find_adapters
+from ..io.safetensors_file import byte_view
 from ..store.manifest import DEFAULT_ZOO, MANIFEST, manifest_bytes, replaceable_zoo
 from ..store.storage import staged_directory
 from ..store.writer import write_zoo_files
@@ -332,11 +333,6 @@ def load_stacked(holders: list[Adapter], modules: list[str], pool: ThreadPoolExe
     chunks = [range(i * T // tasks, (i + 1) * T // tasks) for i in range(tasks) if i * T // tasks < (i + 1) * T // tasks]
     list(pool.map(fill, chunks) if pool is not None else map(fill, chunks))
     return B, A, ranks
-
-
-def byte_view(x: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous tensor on the host, writable in place (any dtype, bfloat16 too)."""
-    return memoryview(x.view(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def ready_for(B: torch.Tensor, A: torch.Tensor, ranks: list[int], device: str | torch.device, scratch: Scratch
