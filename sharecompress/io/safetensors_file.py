@@ -13,12 +13,13 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from typing import TYPE_CHECKING
 
@@ -369,26 +370,53 @@ def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = N
     The layout is the library's (8-byte length, JSON header padded to 8 bytes, tensors tiling
     the data in order), and ``tests/test_safety.py`` reads the result back with the library.
     """
+    flat = {name: host_tensor(name, t) for name, t in tensors.items()}
+    return encode_layout({name: (dtype_name(name, t.dtype), tuple(t.shape)) for name, t in flat.items()},
+                         lambda name: byte_view(flat[name]), metadata)
+
+
+def encode_layout(layout: dict[str, tuple[str, tuple[int, ...]]], data: Callable[[str], memoryview],
+                  metadata: dict[str, str] | None = None) -> Iterator[memoryview]:
+    """The chunks of a .safetensors file whose tensors are named, typed and shaped by ``layout``
+    (safetensors dtype names) and whose bytes ``data(name)`` gives, asked for one tensor at a time
+    in the order they are written (names sorted): a file can be written from disk, never whole in memory."""
     if sys.byteorder != "little":  # safetensors is little-endian; the raw views below are native
         raise RuntimeError("writing safetensors files needs a little-endian machine")
-    dtype_names = {torch_dtype(name): name for name in SIZES}
-    names = sorted(tensors)
+    names = sorted(layout)
     header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
-    flat: list[torch.Tensor] = []
+    sizes = []
     for name in names:
-        t = tensors[name]
-        if t.requires_grad or t.device.type != "cpu" or not t.is_contiguous():  # a zoo's 64,000 cores mostly are already
-            t = t.detach().to("cpu").contiguous()
-        if t.dtype not in dtype_names:
-            raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored")
-        nbytes = t.nbytes
-        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        dtype, shape = layout[name]
+        nbytes = SIZES[dtype] * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-        flat.append(t)
+        sizes.append(nbytes)
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
     yield memoryview(struct.pack("<Q", len(text)) + text)
-    for t in flat:
-        if t.numel():
-            yield byte_view(t)
+    for name, nbytes in zip(names, sizes):
+        if nbytes:
+            view = data(name)
+            if view.nbytes != nbytes:
+                raise ValueError(f"tensor {name!r}: {view.nbytes} bytes given for {nbytes}")
+            yield view
+
+
+def host_tensor(name: str, t: "torch.Tensor") -> "torch.Tensor":
+    """``t`` as a file takes it: on the host, contiguous, outside autograd (a zoo's 64,000 cores mostly are already)."""
+    if t.requires_grad or t.device.type != "cpu" or not t.is_contiguous():
+        t = t.detach().to("cpu").contiguous()
+    return t
+
+
+def dtype_name(name: str, dtype: "torch.dtype") -> str:
+    """The safetensors name of a tensor's dtype; refuses one a file cannot hold."""
+    if not _DTYPE_NAMES:
+        _DTYPE_NAMES.update({torch_dtype(n): n for n in SIZES})
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored")
+    return _DTYPE_NAMES[dtype]
+
+
+_DTYPE_NAMES: dict = {}  # torch dtype -> safetensors name, filled on first use (torch is imported late)

@@ -19,7 +19,7 @@ from ..io.adapter import Adapter
 from ..core.compress import KRule, module_bases, pad_stack, project_all
 from ..errors import InputError, ZooError
 from ..store.reader import ZooReader
-from ..store.writer import unique_stem, write_adapter_files
+from ..store.writer import BASIS_METADATA, CORES_METADATA, unique_stem, write_adapter_files
 from .hold_budget import hold_budget
 from .anchors import Anchors, anchor_here, move, prune
 from .entries import (adapter_entry, check_finite, finish_adapter_entry, model_key, module_bound2, module_info, now, refresh_module_stats,
@@ -28,6 +28,7 @@ from .guarantee import absorb_drift, first_residual, module_move2
 from .merge import STORE_DTYPES
 from ..io.formats import zoo_module_layouts
 from ..io.readers import find_adapters
+from ..io.safetensors_file import encode
 from ..store.storage import pause_point, save_tensors
 from ..store.transaction import Transaction
 
@@ -363,7 +364,7 @@ def write_generation(tx: Transaction, manifest: dict, bases, cores, fresh: dict[
     flat = {}
     for module, (U, V) in bases.items():
         flat[f"{module}.U"], flat[f"{module}.V"] = U, V
-    manifest["basis_sha256"] = save_tensors(tx.root, basis_rel, flat, {"format": "pt", "sharecompress": "basis"})
+    manifest["basis_sha256"] = save_tensors(tx.root, basis_rel, flat, BASIS_METADATA)
     manifest["basis_file"] = basis_rel
     pause_point("after-basis")
     used = {Path(e["file"]).name.split(".")[0].lower() for e in manifest["adapters"] if e.get("file")}
@@ -376,11 +377,11 @@ def write_generation(tx: Transaction, manifest: dict, bases, cores, fresh: dict[
                 tensors[f"{module}.RU"], tensors[f"{module}.RV"] = RU, RV
         if entry["name"] in fresh:
             stem = unique_stem(entry["name"], used)
-            entry.update(write_adapter_files(tx.adapters, stem, tensors, fresh[entry["name"]].extra_tensors(), gen))
+            entry.update(write_adapter_files(tx.adapters, stem, encode(tensors, CORES_METADATA), fresh[entry["name"]].extra_tensors(), gen))
         else:
             stem = entry["file"].rsplit("/", 1)[1].split(".")[0]
             name = f"{stem}.g{gen}.safetensors"
-            entry["file_sha256"] = save_tensors(tx.adapters, name, tensors, {"format": "pt", "sharecompress": "coefficients"})
+            entry["file_sha256"] = save_tensors(tx.adapters, name, tensors, CORES_METADATA)
             entry["file"] = f"adapters/{name}"
         finish_adapter_entry(entry)
         pause_point("between-adapters")

@@ -14,6 +14,7 @@ from typing import Iterable
 from ..errors import ZooError
 from ..store.manifest import MANIFEST, manifest_bytes, replaceable_zoo
 from ..store.reader import ZooReader
+from ..store.spill import BASIS, Spill
 from ..store.storage import staged_directory
 from ..store.writer import write_zoo_files
 from .anchors import anchor_here
@@ -45,33 +46,30 @@ def combine(parts: Iterable[str | os.PathLike], zoo: str | os.PathLike, force: b
             if part.manifest.get(key) != first.manifest.get(key):
                 raise ZooError(part.path, f"was merged with another {key} than {first.path}")
 
-    basis, modules, cores = {}, {}, {name: {} for name in names}
-    entries = {e["name"]: copy.deepcopy(e) for e in first.adapters}
-    extras_from: dict[str, ZooReader] = {}
-    for part in opened:
-        for module, (U, V) in part.bases().items():
-            basis[f"{module}.U"], basis[f"{module}.V"] = U, V
-        modules.update(part.modules)
-        for entry in part.adapters:
-            name = entry["name"]
-            for module, (E, F) in part.cores(name).items():
-                cores[name][f"{module}.E"], cores[name][f"{module}.F"] = E, F
-            for module, (RU, RV) in part.residuals(name).items():
-                cores[name][f"{module}.RU"], cores[name][f"{module}.RV"] = RU, RV
-            entries[name]["modules"].update(entry["modules"])
-            if entry.get("extras_file"):
-                extras_from[name] = part
-                entries[name]["extras"], entries[name]["bytes_extras"] = entry["extras"], entry["bytes_extras"]
-    modules = dict(sorted(modules.items()))
-    for entry in entries.values():
-        entry["modules"] = dict(sorted(entry["modules"].items()))
-        for key in ("file", "file_sha256", "extras_file", "extras_sha256", "anchor"):
-            entry.pop(key, None)
-        finish_adapter_entry(entry)  # its modules now come from every part
-    extras = {name: (lambda n=name: extras_from[n].extras(n) if n in extras_from else {}) for name in names}
-
-    with staged_directory(target, replaceable_zoo if force else None, lock=True) as staging:
-        manifest = write_zoo_files(names, basis, modules, cores, entries, extras, staging)
+    with staged_directory(target, replaceable_zoo if force else None, lock=True) as staging, Spill(staging) as spill:
+        modules = {}
+        entries = {e["name"]: copy.deepcopy(e) for e in first.adapters}
+        extras_from: dict[str, ZooReader] = {}
+        for part in opened:  # one part's bases, then one adapter's cores at a time, held on disk (``Spill``)
+            spill.put({BASIS: {f"{module}.{side}": X for module, pair in part.bases().items() for side, X in zip("UV", pair)}})
+            modules.update(part.modules)
+            for entry in part.adapters:
+                name = entry["name"]
+                own = {f"{module}.{side}": X for module, pair in part.cores(name).items() for side, X in zip("EF", pair)}
+                own.update({f"{module}.{side}": X for module, pair in part.residuals(name).items() for side, X in zip(("RU", "RV"), pair)})
+                spill.put({name: own})
+                entries[name]["modules"].update(entry["modules"])
+                if entry.get("extras_file"):
+                    extras_from[name] = part
+                    entries[name]["extras"], entries[name]["bytes_extras"] = entry["extras"], entry["bytes_extras"]
+        modules = dict(sorted(modules.items()))
+        for entry in entries.values():
+            entry["modules"] = dict(sorted(entry["modules"].items()))
+            for key in ("file", "file_sha256", "extras_file", "extras_sha256", "anchor"):
+                entry.pop(key, None)
+            finish_adapter_entry(entry)  # its modules now come from every part
+        extras = {name: (lambda n=name: extras_from[n].extras(n) if n in extras_from else {}) for name in names}
+        manifest = write_zoo_files(names, spill, modules, entries, extras, staging)
         for entry in manifest["adapters"]:
             anchor_here(manifest, entry, staging)  # each part's slacks hold for the same bases, now in one file
         manifest.update({key: first.manifest.get(key) for key in _SAME})

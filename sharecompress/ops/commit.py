@@ -29,7 +29,7 @@ from ..io.formats import PEFT_PREFIX
 from ..io.safetensors_file import SafetensorsFile, encode
 from ..store.reader import ZooReader
 from ..store.transaction import Transaction
-from ..store.writer import unique_stem, write_adapter_files
+from ..store.writer import CORES_METADATA, unique_stem, write_adapter_files
 from .add import add_adapters, check_new
 from .anchors import anchor_here
 from .entries import adapter_entry, check_finite, finish_adapter_entry, now, refresh_module_stats, source_keys
@@ -152,7 +152,8 @@ def _commit_in_span(tx: Transaction, adapter: Adapter, modules: dict[str, Traine
                                     "drift": 0.0, "err_parts": parts_of(QU, QV, torch.cat([X1, -X2], 1), torch.cat([Y1, Y2], 0)),
                                     **source_keys(adapter.modules[module])}
     used = {Path(e["file"]).name.split(".")[0].lower() for e in manifest["adapters"] if e.get("file")}
-    entry.update(write_adapter_files(tx.adapters, unique_stem(adapter.name, used), tensors, adapter.extra_tensors(), tx.generation))
+    entry.update(write_adapter_files(tx.adapters, unique_stem(adapter.name, used), encode(tensors, CORES_METADATA), adapter.extra_tensors(),
+                                     tx.generation))
     finish_adapter_entry(entry)
     manifest["adapters"].append(entry)
     anchor_here(manifest, entry, tx.root)  # exact against the trained update, on the bases as they are

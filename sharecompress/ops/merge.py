@@ -21,6 +21,7 @@ from ..io.readers import find_adapters
 from ..io.safetensors_file import byte_view
 from ..store.manifest import DEFAULT_ZOO, MANIFEST, manifest_bytes, replaceable_zoo
 from ..store.storage import staged_directory
+from ..store.spill import BASIS, Spill
 from ..store.writer import write_zoo_files
 from .anchors import anchor_here
 from .guarantee import above_mark, first_residual
@@ -355,10 +356,19 @@ def name_the_bad_tensor(holders: list[Adapter], modules: list[str]) -> None:
 
 def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: Dir, progress, device, with_extras=True,
            max_error=None) -> dict:
-    """Compute every batch of modules (reading the next while this one computes), then write the files."""
-    cores: dict[str, dict[str, torch.Tensor]] = {a.name: {} for a in adapters}
+    """Compute every batch of modules (reading the next while this one computes), then write the files.
+
+    Each batch's bases and cores wait in a ``Spill`` on the zoo's disk until the files are written,
+    so the memory a merge needs does not grow with its modules.
+    """
+    with Spill(staging) as spill:
+        return _build_into(spill, adapters, shapes, batches, rule, method, sweeps, p, store, staging, progress, device,
+                           with_extras, max_error)
+
+
+def _build_into(spill: Spill, adapters, shapes, batches, rule, method, sweeps, p, store, staging: Dir, progress, device,
+                with_extras, max_error) -> dict:
     entries = {a.name: adapter_entry(a, hashed=False) for a in adapters}
-    basis: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
     order = list(shapes.items())
     holders_of = {m: [a for a in adapters if m in a.modules] for m, _ in order}
@@ -410,10 +420,14 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
                     for a, err2 in zip(holders, held or []):
                         loo[a.name, module] = err2
             del B, A
+            basis: dict[str, torch.Tensor] = {}
+            cores: dict[str, dict[str, torch.Tensor]] = {a.name: {} for a in holders}
             for module, result in zip(batch, results):
                 n, d = shapes[module]
                 _collect(module, n, d, holders_of[module], result, basis, modules, cores, entries)
                 done += 1
+            spill.put({BASIS: basis, **cores})
+            del basis, cores, results
         for adapter, digest in zip(adapters, digests):
             entries[adapter.name]["sha256"] = digest.result()
     finally:  # on an error, stop what is queued rather than finish it
@@ -421,7 +435,7 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
         files.shutdown(wait=True, cancel_futures=True)
         hasher.shutdown(wait=True, cancel_futures=True)
     if max_error is not None:
-        add_residuals(adapters, basis, cores, entries, max_error, store, progress)
+        add_residuals(adapters, spill, entries, max_error, store, progress)
     modules = {m: modules[m] for m in shapes}  # the manifest lists modules in name order
     for entry in entries.values():
         entry["modules"] = {m: entry["modules"][m] for m in shapes if m in entry["modules"]}
@@ -436,7 +450,7 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
             if (entry["name"], module) in loo:
                 mod["held_out_err2"] = loo[entry["name"], module]
         finish_adapter_entry(entry)
-    manifest = write_zoo_files([a.name for a in adapters], basis, modules, cores, entries, extras, staging)
+    manifest = write_zoo_files([a.name for a in adapters], spill, modules, entries, extras, staging)
     for adapter in adapters:  # everything of the sources is read and hashed now: it must all be one file each
         adapter.file.check_unchanged()
     for entry in manifest["adapters"]:
@@ -447,20 +461,20 @@ def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: D
     return manifest
 
 
-def add_residuals(adapters: list[Adapter], basis: dict, cores: dict, entries: dict, max_error: float,
+def add_residuals(adapters: list[Adapter], spill: Spill, entries: dict, max_error: float,
                   store: torch.dtype, progress=None) -> None:
     """A first residual for each adapter above ``max_error``'s mark after the shared fit (``guarantee``).
 
     A second pass over those adapters alone: their factors are read again, one adapter at a time,
-    so memory holds one adapter's residual problem, never the zoo's.
+    so memory holds the bases and one adapter's residual problem, never the zoo's cores.
     """
     over = [a for a in adapters if above_mark(entries[a.name]["modules"], max_error)]
+    basis = spill.tensors(BASIS) if over else {}
     for i, adapter in enumerate(over):
-        mods, own = entries[adapter.name]["modules"], cores[adapter.name]
+        mods, own = entries[adapter.name]["modules"], spill.tensors(adapter.name)
         held = first_residual(adapter, mods, {m: (basis[f"{m}.U"], basis[f"{m}.V"]) for m in mods},
                               {m: (own[f"{m}.E"], own[f"{m}.F"]) for m in mods}, max_error, store)
-        for module, (RU, RV) in held.items():
-            own[f"{module}.RU"], own[f"{module}.RV"] = RU, RV
+        spill.put({adapter.name: {f"{module}.{side}": R for module, pair in held.items() for side, R in zip(("RU", "RV"), pair)}})
         if progress:
             progress(i + 1, len(over), f"residual {adapter.name}")
 
@@ -475,9 +489,9 @@ def _collect(module, n, d, holders, result, basis, modules, cores, entries) -> N
             check_finite(adapter.source, module, (core.E, core.F), (core.err2, core.norm2))
     check_finite(holders[0].source if len(holders) == 1 else "the adapters", module, (result.U, result.V), ())
     modules[module] = _module_entry(result, n, d)
+    e_name, f_name = f"{module}.E", f"{module}.F"  # one string each, shared by every adapter's entry in the spill
     for adapter, core in zip(holders, result.cores):
-        cores[adapter.name][f"{module}.E"] = core.E
-        cores[adapter.name][f"{module}.F"] = core.F
+        cores[adapter.name][e_name], cores[adapter.name][f_name] = core.E, core.F
         spec = adapter.modules[module]
         entries[adapter.name]["modules"][module] = {
             "rank": spec.rank,
