@@ -15,6 +15,7 @@ import errno
 import math
 import os
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 import torch
@@ -33,7 +34,8 @@ class Spill:
     """Tensors grouped by owner (the basis, each adapter), appended batch by batch, read back by owner.
 
     Each ``put`` writes, for each owner, one run of its tensors back to back: reading an adapter's
-    cores back takes a read per batch, not one per tensor (a zoo of 500 × 128 has 128,000).
+    cores back takes a read per batch, not one per tensor (a zoo of 500 × 128 has 128,000). Filing
+    and writing run in a thread of their own while the next batch computes (one put in flight).
     """
 
     def __init__(self, where: Dir) -> None:
@@ -43,6 +45,8 @@ class Spill:
         self.runs: dict[Owner, list[tuple[int, int]]] = {}  # owner -> its runs (file offset, bytes)
         self.layout: dict[Owner, dict[str, tuple[str, tuple[int, ...], int, int]]] = {}  # name -> (dtype, shape, run, offset in it)
         self.shapes: dict[torch.Size, tuple[int, ...]] = {}
+        self.writer = ThreadPoolExecutor(max_workers=1)
+        self.writing: Future | None = None
 
     def __enter__(self) -> "Spill":
         return self
@@ -51,12 +55,28 @@ class Spill:
         self.close()
 
     def close(self) -> None:
+        """Waits for a write in flight (its descriptor must not be closed under it), then closes."""
+        self.writer.shutdown(wait=True)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
     def put(self, owners: dict[Owner, dict[str, torch.Tensor]]) -> None:
-        """Append each owner's tensors (one write for all of them); a name is never put twice for one owner."""
+        """Append each owner's tensors (one write for all of them); a name is never put twice for one owner.
+
+        The filing and the write run in the spill's own thread while the caller goes on (the next
+        batch's compute releases Python's lock); the tensors must not change after this call.
+        """
+        self.settle()
+        self.writing = self.writer.submit(self._put, owners)
+
+    def settle(self) -> None:
+        """Waits for the ``put`` in flight; raises its error."""
+        if self.writing is not None:
+            writing, self.writing = self.writing, None
+            writing.result()
+
+    def _put(self, owners: dict[Owner, dict[str, torch.Tensor]]) -> None:
         flat: list[torch.Tensor] = []  # every tensor as a flat view, in the order written
         at = self.end
         for owner, tensors in owners.items():
@@ -88,6 +108,7 @@ class Spill:
 
     def tensors(self, owner: Owner) -> dict[str, torch.Tensor]:
         """All of ``owner``'s tensors, read back into memory (one adapter's cores: small)."""
+        self.settle()
         runs = [self._read(*run) for run in self.runs.get(owner, [])]
         out = {}
         for name, (dtype, shape, run, offset) in self.layout.get(owner, {}).items():
@@ -100,6 +121,7 @@ class Spill:
     def encoded(self, owner: Owner, metadata: dict[str, str]) -> Iterator[memoryview]:
         """``owner``'s tensors as the chunks of a .safetensors file: read back a run at a time when
         the owner is small (``READ_WHOLE``), else one tensor at a time (the basis of a large model)."""
+        self.settle()
         layout, runs = self.layout.get(owner, {}), self.runs.get(owner, [])
         whole = sum(size for _, size in runs) <= READ_WHOLE
         held = [memoryview(self._read(*run)) for run in runs] if whole else []
