@@ -194,3 +194,27 @@ def test_buffers_reused_across_batches_change_nothing(tmp_path, monkeypatch):
     single = sharecompress.merge(srcs, tmp_path / "single", k=3)
     assert tensors_of(single) == tensors_of(whole)
     assert single.report()["adapters"] == whole.report()["adapters"]
+
+
+def test_combine_refuses_parts_that_share_a_module_naming_the_part(tmp_path, monkeypatch):
+    """A part whose manifest claims another index (manifests are not signed) holds modules of the
+    first: refused by name, rather than joined into a zoo that lacks modules."""
+    import importlib
+    import json
+    import shutil
+
+    from sharecompress.errors import ZooError
+    from sharecompress.ops.combine import combine
+
+    merge_module = importlib.import_module("sharecompress.ops.merge")
+    monkeypatch.setattr(merge_module, "BATCH_BYTES", 1)
+    srcs = sources(tmp_path)
+    first = sharecompress.merge(srcs, tmp_path / "p1", k=3, shard=(1, 2))
+    shutil.copytree(first.path, tmp_path / "fake")
+    manifest = json.loads((tmp_path / "fake" / "manifest.json").read_text())
+    manifest["shard"]["index"] = 2
+    (tmp_path / "fake" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ZooError, match="which .*p1 holds too: not shards of one merge") as caught:
+        combine([first.path, tmp_path / "fake"], tmp_path / "joined")
+    assert "fake" in str(caught.value)
+    assert not (tmp_path / "joined").exists()

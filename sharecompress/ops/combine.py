@@ -45,6 +45,12 @@ def combine(parts: Iterable[str | os.PathLike], zoo: str | os.PathLike, force: b
         for key in _SAME:
             if part.manifest.get(key) != first.manifest.get(key):
                 raise ZooError(part.path, f"was merged with another {key} than {first.path}")
+    holder: dict[str, ZooReader] = {}
+    for part in opened:  # shards of one merge never share a module: an overlap is a part that lies about its index
+        for module in part.modules:
+            if module in holder:
+                raise ZooError(part.path, f"holds module {module!r}, which {holder[module].path} holds too: not shards of one merge")
+            holder[module] = part
 
     with staged_directory(target, replaceable_zoo if force else None, lock=True) as staging, Spill(staging) as spill:
         modules = {}

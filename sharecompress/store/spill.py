@@ -23,6 +23,7 @@ import torch
 from ..errors import StorageError
 from ..io.confined import Dir, os_problem
 from ..io.safetensors_file import SIZES, byte_view, dtype_name, encode_layout, host_tensor, torch_dtype
+from .storage import punch_hole
 
 BASIS = None  # the owner of the basis tensors; every other owner is an adapter's name
 READ_WHOLE = 8 << 20  # an owner of at most this many bytes (an adapter's cores) is read back a run at a time
@@ -45,6 +46,7 @@ class Spill:
         self.runs: dict[Owner, list[tuple[int, int]]] = {}  # owner -> its runs (file offset, bytes)
         self.layout: dict[Owner, dict[str, tuple[str, tuple[int, ...], int, int]]] = {}  # name -> (dtype, shape, run, offset in it)
         self.shapes: dict[torch.Size, tuple[int, ...]] = {}
+        self.released: set[Owner] = set()
         self.writer = ThreadPoolExecutor(max_workers=1)
         self.writing: Future | None = None
 
@@ -55,11 +57,13 @@ class Spill:
         self.close()
 
     def close(self) -> None:
-        """Waits for a write in flight (its descriptor must not be closed under it), then closes."""
-        self.writer.shutdown(wait=True)
+        """Closes the file after any write in flight (never under it: the descriptor's number could
+        be reused, and the write land in another file), in the spill's thread, so that even a
+        second Ctrl-C during the wait leaves the close queued behind the write."""
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            self.writer.submit(os.close, fd)
+        self.writer.shutdown(wait=True)
 
     def put(self, owners: dict[Owner, dict[str, torch.Tensor]]) -> None:
         """Append each owner's tensors (one write for all of them); a name is never put twice for one owner.
@@ -68,7 +72,7 @@ class Spill:
         batch's compute releases Python's lock); the tensors must not change after this call.
         """
         self.settle()
-        self.writing = self.writer.submit(self._put, owners)
+        self.writing = self.writer.submit(self._put, owners, self.fd)  # the descriptor now: close() may clear it before this runs
 
     def settle(self) -> None:
         """Waits for the ``put`` in flight; raises its error."""
@@ -76,7 +80,7 @@ class Spill:
             writing, self.writing = self.writing, None
             writing.result()
 
-    def _put(self, owners: dict[Owner, dict[str, torch.Tensor]]) -> None:
+    def _put(self, owners: dict[Owner, dict[str, torch.Tensor]], fd: int) -> None:
         flat: list[torch.Tensor] = []  # every tensor as a flat view, in the order written
         at = self.end
         for owner, tensors in owners.items():
@@ -101,14 +105,14 @@ class Spill:
         data, written = memoryview(b"".join(views)) if len(views) != 1 else views[0], 0
         try:
             while written < data.nbytes:
-                written += os.pwrite(self.fd, data[written:], self.end + written)
+                written += os.pwrite(fd, data[written:], self.end + written)
         except OSError as exc:
             raise StorageError(self.where, f"holding the computed tensors: {os_problem(exc)}") from None
         self.end = at
 
     def tensors(self, owner: Owner) -> dict[str, torch.Tensor]:
         """All of ``owner``'s tensors, read back into memory (one adapter's cores: small)."""
-        self.settle()
+        self._readable(owner)
         runs = [self._read(*run) for run in self.runs.get(owner, [])]
         out = {}
         for name, (dtype, shape, run, offset) in self.layout.get(owner, {}).items():
@@ -118,20 +122,34 @@ class Spill:
                 else torch.empty(shape, dtype=kind)
         return out
 
-    def encoded(self, owner: Owner, metadata: dict[str, str]) -> Iterator[memoryview]:
-        """``owner``'s tensors as the chunks of a .safetensors file: read back a run at a time when
-        the owner is small (``READ_WHOLE``), else one tensor at a time (the basis of a large model)."""
-        self.settle()
-        layout, runs = self.layout.get(owner, {}), self.runs.get(owner, [])
+    def pop_encoded(self, owner: Owner, metadata: dict[str, str]) -> Iterator[memoryview]:
+        """``owner``'s tensors as the chunks of a .safetensors file, handed over once: read back a run
+        at a time when the owner is small (``READ_WHOLE``), else one tensor at a time (the basis of a
+        large model), each range's disk space given back as soon as it is read, where the file system
+        can punch holes. So the spill and the zoo's files never take much more than the zoo's size."""
+        self._readable(owner)
+        self.released.add(owner)
+        layout, runs = self.layout.pop(owner, {}), self.runs.pop(owner, [])
         whole = sum(size for _, size in runs) <= READ_WHOLE
         held = [memoryview(self._read(*run)) for run in runs] if whole else []
+        for offset, size in runs if whole else ():
+            punch_hole(self.fd, offset, size)
 
         def data(name: str) -> memoryview:
             dtype, shape, run, offset = layout[name]
             size = SIZES[dtype] * math.prod(shape)
-            return held[run][offset : offset + size] if whole else memoryview(self._read(runs[run][0] + offset, size))
+            if whole:
+                return held[run][offset : offset + size]
+            view = memoryview(self._read(runs[run][0] + offset, size))
+            punch_hole(self.fd, runs[run][0] + offset, size)
+            return view
 
         return encode_layout({name: spec[:2] for name, spec in layout.items()}, data, metadata)
+
+    def _readable(self, owner: Owner) -> None:
+        self.settle()
+        if owner in self.released:
+            raise ValueError(f"the tensors of {owner or 'the basis'} were already handed over")
 
     def _read(self, offset: int, nbytes: int) -> bytearray:
         out = bytearray(nbytes)

@@ -229,6 +229,19 @@ def _renameat2(parent: Dir, src: str, dst: str, flags: int) -> bool:
     raise OSError(code, os.strerror(code), str(parent.path / dst))
 
 
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Give a byte range of a file back to its file system (the file keeps its size); False where
+    the system or file system cannot, or on any error: callers only save space with it."""
+    fn = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
+    if fn is None or length <= 0:
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fn(fd, _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE, offset, length) == 0
+
+
+_FALLOC_KEEP_SIZE, _FALLOC_PUNCH_HOLE = 1, 2
+
+
 def remove_tree(parent: Dir, name: str) -> None:
     """Remove directory ``name`` in ``parent`` and what it holds, never following a link out of it."""
     if sys.version_info >= (3, 11):

@@ -27,12 +27,12 @@ def write_zoo_files(names, spill: Spill, modules, entries, extras, staging: Dir)
     ``extras`` maps a name to a loader of that adapter's non-LoRA tensors (read only now, one
     adapter at a time, so heads never pile up in memory). The caller adds the timestamps.
     """
-    basis_sha = staging.write_new("basis.safetensors", spill.encoded(BASIS, BASIS_METADATA))
+    basis_sha = staging.write_new("basis.safetensors", spill.pop_encoded(BASIS, BASIS_METADATA))
     used: set[str] = set()
     with staging.sub("adapters", create=True) as folder:
         for name in names:
             entry = entries[name]
-            entry.update(write_adapter_files(folder, unique_stem(name, used), spill.encoded(name, CORES_METADATA), extras[name]()))
+            entry.update(write_adapter_files(folder, unique_stem(name, used), spill.pop_encoded(name, CORES_METADATA), extras[name]()))
         folder.fsync()
     return {
         "format": FORMAT,
@@ -57,7 +57,7 @@ def unique_stem(name: str, used: set[str]) -> str:
 
 def write_adapter_files(folder: Dir, stem: str, cores_file: Iterable[memoryview], extras: dict, generation: int = 1) -> dict:
     """An adapter's cores file in ``folder`` (the zoo's ``adapters/``), its bytes given as chunks
-    (``encode(cores, CORES_METADATA)``, or ``Spill.encoded``), and, when it has non-LoRA tensors,
+    (``encode(cores, CORES_METADATA)``, or ``Spill.pop_encoded``), and, when it has non-LoRA tensors,
     its extras file; returns the manifest fields naming them, relative to the zoo.
 
     Extras (classifier heads, biases) live in a file of their own: they never change, so an
