@@ -5,8 +5,9 @@ only at the end: a .safetensors header names every tensor before the first byte,
 adapter's cores file holds every module. Held in memory, those results made a merge's peak
 grow with the number of modules (about 1 MB per module at 128 adapters). They wait instead in
 one unnamed file inside the staging directory (``O_TMPFILE``: it has no name, so nothing is
-left to clean up even after a kill, and it never leaves the zoo's own file system), and each
-zoo file is written from it one tensor at a time.
+left to clean up even after a kill, and it never leaves the zoo's own file system). Each zoo
+file is written from it a run or a tensor at a time, and its share of the spill goes back to
+the file system as it is read.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Spill:
         self.runs: dict[Owner, list[tuple[int, int]]] = {}  # owner -> its runs (file offset, bytes)
         self.layout: dict[Owner, dict[str, tuple[str, tuple[int, ...], int, int]]] = {}  # name -> (dtype, shape, run, offset in it)
         self.shapes: dict[torch.Size, tuple[int, ...]] = {}
-        self.released: set[Owner] = set()
+        self.popped: set[Owner] = set()
         self.writer = ThreadPoolExecutor(max_workers=1)
         self.writing: Future | None = None
 
@@ -128,7 +129,7 @@ class Spill:
         large model), each range's disk space given back as soon as it is read, where the file system
         can punch holes. So the spill and the zoo's files never take much more than the zoo's size."""
         self._readable(owner)
-        self.released.add(owner)
+        self.popped.add(owner)
         layout, runs = self.layout.pop(owner, {}), self.runs.pop(owner, [])
         whole = sum(size for _, size in runs) <= READ_WHOLE
         held = [memoryview(self._read(*run)) for run in runs] if whole else []
@@ -148,7 +149,7 @@ class Spill:
 
     def _readable(self, owner: Owner) -> None:
         self.settle()
-        if owner in self.released:
+        if owner in self.popped:
             raise ValueError(f"the tensors of {owner or 'the basis'} were already handed over")
 
     def _read(self, offset: int, nbytes: int) -> bytearray:
