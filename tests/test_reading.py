@@ -200,7 +200,7 @@ def test_only_keys_of_ordinary_length_are_remembered():
     but not a hostile file's huge ones (a review kept 240 MB alive through four refused files)."""
     from sharecompress.io import formats, readers
 
-    caches = (formats._parse_key_cached, formats._layouts_cached, readers._not_low_rank_cached)
+    caches = (formats.parse_key.cache, formats.layouts_of.cache, readers._not_low_rank.cache)
     before = [cache.cache_info().currsize for cache in caches]
     huge = "x" * 100_000 + ".lora_A.weight"
     assert formats.parse_key(huge, "peft").module == "x" * 100_000 and formats.layouts_of(huge)

@@ -27,7 +27,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, TypeVar
 
 from ..errors import InputError
 from .jsonio import JSONProblem, loads
@@ -78,18 +78,27 @@ _PATTERNS: dict[str, list[tuple[re.Pattern, str]]] = {
 SIDE_NAMES = {"peft": ("lora_A", "lora_B"), "kohya": ("lora_down", "lora_up"), "diffusers": ("down (lora_A)", "up (lora_B)")}
 
 
-def parse_key(key: str, layout: str) -> LoraKey | None:
-    """The module and side of ``key`` under ``layout``; None when it is not a LoRA key there.
-
-    Every adapter of a zoo repeats the same keys, so they are parsed once each; only keys of
-    ordinary length are remembered (a hostile file's megabyte-long keys are not kept alive)."""
-    return _parse_key_cached(key, layout) if len(key) <= CACHED_KEY_CHARS else _parse_key(key, layout)
-
-
 CACHED_KEY_CHARS = 256
+T = TypeVar("T")
 
 
-def _parse_key(key: str, layout: str) -> LoraKey | None:
+def per_key_cache(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn(key, …)`` remembered for keys of ordinary length: every adapter of a zoo repeats the same
+    keys, so each is worked out once, while a hostile file's megabyte-long keys are never kept alive.
+    The cache itself is ``.cache``."""
+    cached = functools.lru_cache(maxsize=1 << 14)(fn)
+
+    @functools.wraps(fn)
+    def call(key: str, *rest):
+        return cached(key, *rest) if len(key) <= CACHED_KEY_CHARS else fn(key, *rest)
+
+    call.cache = cached  # type: ignore[attr-defined]
+    return call
+
+
+@per_key_cache
+def parse_key(key: str, layout: str) -> LoraKey | None:
+    """The module and side of ``key`` under ``layout``; None when it is not a LoRA key there."""
     for pattern, kind in _PATTERNS[layout]:
         match = pattern.match(key)
         if match:
@@ -97,19 +106,10 @@ def _parse_key(key: str, layout: str) -> LoraKey | None:
     return None
 
 
-_parse_key_cached = functools.lru_cache(maxsize=1 << 14)(_parse_key)
-
-
+@per_key_cache
 def layouts_of(key: str) -> frozenset[str]:
     """Every layout under which ``key`` is a LoRA factor (empty for other tensors)."""
-    return _layouts_cached(key) if len(key) <= CACHED_KEY_CHARS else _layouts_of(key)
-
-
-def _layouts_of(key: str) -> frozenset[str]:
     return frozenset(layout for layout in LAYOUTS if parse_key(key, layout) is not None)
-
-
-_layouts_cached = functools.lru_cache(maxsize=1 << 14)(_layouts_of)
 
 
 def check_layout(name: str) -> str:

@@ -8,7 +8,6 @@ disagreement, DoRA, pickles, bad configs) is found before any compute starts.
 
 from __future__ import annotations
 
-import functools
 import glob
 import math
 import re
@@ -378,11 +377,12 @@ def parse_adapter(
 def _refuse_not_low_rank(file: SafetensorsFile) -> None:
     """LoHa, LoKr, OFT, DoRA, …: not an update B·A, so refused by name rather than misread."""
     for key in file.tensors:
-        label = _not_low_rank_cached(key) if len(key) <= formats.CACHED_KEY_CHARS else _not_low_rank(key)
+        label = _not_low_rank(key)
         if label is not None:
             raise InputError(file.path, f"{label} tensors ({key!r}) are not plain low-rank LoRA: refused")
 
 
+@formats.per_key_cache  # a zoo's adapters repeat their keys
 def _not_low_rank(key: str) -> str | None:
     """The format whose tensor ``key`` names, when it is not plain low-rank LoRA (else None)."""
     for marker, label in _NOT_LOW_RANK.items():
@@ -393,8 +393,6 @@ def _not_low_rank(key: str) -> str | None:
             return label
     return None
 
-
-_not_low_rank_cached = functools.lru_cache(maxsize=1 << 14)(_not_low_rank)  # a zoo's adapters repeat their keys
 
 
 def _pair_keys(file: SafetensorsFile, layout: str) -> tuple[dict[str, dict[str, str]], dict[str, str], list[str]]:

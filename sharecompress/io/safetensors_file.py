@@ -46,6 +46,11 @@ def torch_dtype(name: str) -> "torch.dtype":
                            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}[name])
 
 
+def stored_bytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
+    """Bytes of a tensor of safetensors dtype ``dtype`` and ``shape`` in a file."""
+    return SIZES[dtype] * math.prod(shape)
+
+
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 
@@ -146,10 +151,7 @@ def _entry(name: str, entry: object, data_start: int, data_len: int) -> TensorIn
         and 0 <= offsets[0] <= offsets[1]
     ):
         raise HeaderProblem(f"tensor {name!r} has invalid data_offsets {offsets!r}")
-    numel = 1
-    for s in shape:
-        numel *= s
-    if offsets[1] - offsets[0] != numel * SIZES[dtype]:
+    if offsets[1] - offsets[0] != stored_bytes(dtype, shape):
         raise HeaderProblem(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes stored for shape {shape} {dtype}")
     if offsets[1] > data_len:
         raise HeaderProblem(f"truncated file: tensor {name!r} runs past the end of the file")
@@ -388,7 +390,7 @@ def encode_layout(layout: dict[str, tuple[str, tuple[int, ...]]], data: Callable
     sizes = []
     for name in names:
         dtype, shape = layout[name]
-        nbytes = SIZES[dtype] * math.prod(shape)
+        nbytes = stored_bytes(dtype, shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
         sizes.append(nbytes)

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import StorageError
 from ..io.confined import Dir, os_problem
-from ..io.safetensors_file import SIZES, byte_view, dtype_name, encode_layout, host_tensor, torch_dtype
+from ..io.safetensors_file import byte_view, dtype_name, encode_layout, host_tensor, stored_bytes, torch_dtype
 from .storage import punch_hole
 
 BASIS = None  # the owner of the basis tensors; every other owner is an adapter's name
@@ -138,7 +138,7 @@ class Spill:
 
         def data(name: str) -> memoryview:
             dtype, shape, run, offset = layout[name]
-            size = SIZES[dtype] * math.prod(shape)
+            size = stored_bytes(dtype, shape)
             if whole:
                 return held[run][offset : offset + size]
             view = memoryview(self._read(runs[run][0] + offset, size))
