@@ -11,6 +11,10 @@ writing), so they do not add up to the whole.
     python scripts/merge_phases.py /tmp/bench13/zoo-128x8x1024-r16 --zoo /tmp/phases-zoo
     python scripts/merge_phases.py SRC --device cuda --sketch-half bfloat16   # the GPU's sketch in bfloat16 too
 
+With two compute workers (the package's choice on a CPU of two cores or more,
+``ops.merge.compute_workers``) the compute phases add up both workers' time, and the main
+thread's waits include its waits on them; ``--workers 1`` times one batch after another.
+
 ``--sketch-half`` overrides ``sharecompress.core.linalg.fast_half``, the choice of the dtype the
 sketch's early power iterations run in (auto: bfloat16 on a CPU with native bfloat16 products,
 float32 elsewhere), so that one machine can time both and compare the zoo's error.
@@ -47,6 +51,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--sketch-half", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="dtype of the sketch's early power iterations (default: the package's own choice)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="batches computed at once (default: the package's own choice, ops.merge.compute_workers)")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -61,6 +67,9 @@ def main() -> None:
         half = None if args.sketch_half == "float32" else torch.bfloat16
         linalg.fast_half = lambda _device: half
     half = linalg.fast_half(device)
+    if args.workers is not None:
+        merge_module.compute_workers = lambda _device: args.workers
+    workers = merge_module.compute_workers(device)
     if device.type == "cuda":
         torch.zeros(1, device=device)
         torch.cuda.synchronize()
@@ -94,8 +103,9 @@ def main() -> None:
         finally:
             if threading.current_thread() is threading.main_thread():
                 with lock:
-                    spent["main thread waiting on reads or hashes"] = spent.get("main thread waiting on reads or hashes", 0.0) + time.perf_counter() - t
+                    spent[waits] = spent.get(waits, 0.0) + time.perf_counter() - t
 
+    waits = "main thread waiting on reads or hashes" + (" or the compute workers" if workers > 1 else "")
     Future.result = waited
     target = args.zoo or Path(tempfile.mkdtemp(prefix="merge_phases_")) / "zoo"
     sources = sorted(str(p) for p in args.sources.iterdir() if p.is_dir())
@@ -109,6 +119,7 @@ def main() -> None:
     print(f"{len(sources)} adapters from {args.sources}, -k {args.k}, on {device}"
           f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}; "
           f"sketch's early iterations: {f'{half} where a batch’s spectrum allows' if half else torch.float32}; "
+          f"{workers} compute worker{'s' if workers > 1 else ''} on {torch.get_num_threads() // workers or 1} thread(s) each; "
           f"zoo relative error {error:.6f}")
     print(f"\n| phase | seconds |\n|---|---:|\n| importing torch (and starting CUDA) | {started:.2f} |\n| merge() | {total:.2f} |")
     for label, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):

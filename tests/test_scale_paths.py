@@ -218,3 +218,65 @@ def test_combine_refuses_parts_that_share_a_module_naming_the_part(tmp_path, mon
         combine([first.path, tmp_path / "fake"], tmp_path / "joined")
     assert "fake" in str(caught.value)
     assert not (tmp_path / "joined").exists()
+
+
+def _workers(monkeypatch, count):
+    import importlib
+
+    merge_module = importlib.import_module("sharecompress.ops.merge")
+    monkeypatch.setattr(merge_module, "compute_workers", lambda device: count)
+    return merge_module
+
+
+@pytest.mark.parametrize("sketched", [False, True])
+def test_two_batches_at_once_write_what_one_at_a_time_writes(tmp_path, monkeypatch, sketched):
+    """Two workers, each on half of torch's threads, file every batch's results where one worker
+    files them: the same tensors and figures, to the rounding a different thread count may give."""
+    from sharecompress.core import linalg
+
+    if sketched:
+        monkeypatch.setattr(linalg, "EXACT_LIMIT", 6)
+    srcs = sources(tmp_path)
+    merge_module = _workers(monkeypatch, 1)
+    monkeypatch.setattr(merge_module, "BATCH_BYTES", 1)  # one module per batch: six batches, two at a time
+    one = sharecompress.merge(srcs, tmp_path / "one", k=3)
+    merge_module = _workers(monkeypatch, 2)
+    threads = torch.get_num_threads()
+    two = sharecompress.merge(srcs, tmp_path / "two", k=3)
+    assert torch.get_num_threads() == threads  # given back
+    a, b = tensors_of(one), tensors_of(two)
+    assert list(a) == list(b)
+    for key in a:
+        for x, y in zip(a[key], b[key]) if isinstance(a[key], tuple) else [(a[key], b[key])]:
+            torch.testing.assert_close(torch.tensor(y), torch.tensor(x), rtol=1e-5, atol=1e-7, msg=key)
+    for x, y in zip(one.report()["adapters"], two.report()["adapters"]):
+        assert x["name"] == y["name"] and x["relative_error"] == pytest.approx(y["relative_error"], rel=1e-9)
+
+
+def test_two_workers_tell_progress_in_order(tmp_path, monkeypatch):
+    merge_module = _workers(monkeypatch, 2)
+    monkeypatch.setattr(merge_module, "BATCH_BYTES", 1)
+    seen = []
+    sharecompress.merge(sources(tmp_path), tmp_path / "zoo", k=3, progress=lambda done, total, module: seen.append((done, total, module)))
+    assert [done for done, _, _ in seen] == list(range(1, len(MODULES) + 1))
+    assert sorted(module[module.index("layers."):] for _, _, module in seen) == sorted(MODULES)  # each once, the prefix aside
+    assert {total for _, total, _ in seen} == {len(MODULES)}
+
+
+def test_a_bad_batch_among_two_workers_names_its_file_and_leaves_nothing(tmp_path, monkeypatch):
+    """A NaN in the last module's batch, found by one worker while the other computes: one error
+    naming the file, no zoo, no staging directory, and torch's threads given back."""
+    from sharecompress.errors import InputError
+
+    merge_module = _workers(monkeypatch, 2)
+    monkeypatch.setattr(merge_module, "BATCH_BYTES", 1)
+    srcs = sources(tmp_path)
+    factors = random_factors(MODULES, 3, seed=9)
+    factors[sorted(MODULES)[-1]][1][0, 2] = float("nan")
+    bad = write_peft_adapter(tmp_path / "src" / "bad", factors)
+    threads = torch.get_num_threads()
+    with pytest.raises(InputError, match="NaN or Inf") as caught:
+        sharecompress.merge([*srcs, str(bad)], tmp_path / "out" / "zoo", k=3)
+    assert str(bad / "adapter_model.safetensors") in str(caught.value)
+    assert torch.get_num_threads() == threads
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -236,6 +240,32 @@ BATCH_BYTES = 32 << 20
 READ_TASKS = 16  # tasks a batch's reading is cut into (each a run of adapters): enough to keep 8 readers busy
 
 
+def compute_workers(device: torch.device) -> int:
+    """Batches computed at once: two on a CPU with two cores or more, one on a GPU.
+
+    Much of a batch's compute is small solves and products that one core runs as fast as two
+    (eigen-solves of 64 × 64, r × r Grams, Python between them): with one worker the second
+    core idled through them. Two workers, each on half the cores, keep both busy. Measured on
+    the 2-core machine, a merge's compute took 2.46 s on one thread against 2.17 s on two
+    (docs/speed.md). A GPU runs one batch at a time: its work is queued on one stream anyway.
+    """
+    return 2 if device.type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+
+
+@contextmanager
+def compute_threads(workers: int) -> Iterator[None]:
+    """torch's threads shared among ``workers`` batches computed at once (restored afterwards)."""
+    threads = torch.get_num_threads()
+    if workers <= 1:
+        yield
+        return
+    torch.set_num_threads(max(1, threads // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def plan_batches(shapes: dict[str, tuple[int, int]], adapters: list[Adapter], budget: int | None = None) -> list[list[str]]:
     """Modules grouped for batched compute: same shape, same adapters with the same ranks.
 
@@ -339,12 +369,23 @@ def load_stacked(holders: list[Adapter], modules: list[str], pool: ThreadPoolExe
 def ready_for(B: torch.Tensor, A: torch.Tensor, ranks: list[int], device: str | torch.device, scratch: Scratch
               ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Stacks as the compute takes them on the CPU (float32 at least, B held as its rows: ``as_rows``),
-    made in the reader's thread while the previous batch computes, in ``scratch``'s buffers. A GPU
-    gets them as read (half precision travels at half the bytes) and widens them there."""
+    made in the reader's thread while earlier batches compute, in ``scratch``'s buffers and never in
+    B's or A's own memory: the next batch is read into that. A GPU gets them as read (half precision
+    travels at half the bytes) and widens them there."""
     if torch.device(device).type != "cpu":
         return B, A, ranks
     work = torch.float64 if B.dtype == torch.float64 else torch.float32
-    return as_rows(B, work, scratch, "rows B"), widened(A, work, scratch, "A"), ranks
+    rows = as_rows(B, work, scratch, "rows B")
+    if _shares_memory(rows, B):  # already float32 rows (rank 1): copied, as they lie
+        rows = scratch.take("rows B", tuple(rows.mT.shape), work, rows.device).copy_(rows.mT).mT
+    wide = widened(A, work, scratch, "A")
+    if _shares_memory(wide, A):
+        wide = scratch.take("A", tuple(A.shape), work, A.device).copy_(A)
+    return rows, wide, ranks
+
+
+def _shares_memory(X: torch.Tensor, Y: torch.Tensor) -> bool:
+    return X.untyped_storage().data_ptr() == Y.untyped_storage().data_ptr()
 
 
 def name_the_bad_tensor(holders: list[Adapter], modules: list[str]) -> None:
@@ -354,9 +395,39 @@ def name_the_bad_tensor(holders: list[Adapter], modules: list[str]) -> None:
             adapter.factors(module, None)  # raises, naming the file and tensor
 
 
+def compute_batch(batch: list[str], holders: list[Adapter], B: torch.Tensor, A: torch.Tensor, ranks: list[int],
+                  rule, method: str, sweeps: int, p, store: torch.dtype, device: torch.device,
+                  tick: Callable[[int], None] | None) -> tuple[list[ModuleResult], dict, dict]:
+    """One batch's results and its diagnostics: (results, lora_A cosines, held-out errors), each
+    diagnostic keyed by (adapter, module). Reads B and A and writes nothing shared: two run at once."""
+    scales = torch.tensor([[a.modules[m].scale for a in holders] for m in batch], dtype=torch.float64)
+    B, A = B.to(device), A.to(device)  # once: the compute and the diagnostics below use them there
+    bad = lambda: name_the_bad_tensor(holders, batch)  # noqa: E731
+    try:
+        results = compress_stacked(B, A, scales, ranks, rule, method, sweeps, p, store, device, tick, bad)
+    except torch.linalg.LinAlgError as exc:  # finite factors whose products overflow float32, say
+        where = holders[0].source if len(holders) == 1 else "the adapters"
+        raise InputError(where, f"the factors of {', '.join(batch)} could not be decomposed ({str(exc).splitlines()[0]}); "
+                                "are their magnitudes sane?") from exc
+    cosines, held_out = {}, {}
+    for g, m in enumerate(batch):  # after the stacks were found finite
+        As = A[g] if len(set(ranks)) == 1 else [A[g, t, :r] for t, r in enumerate(ranks)]
+        for a, cosine in zip(holders, nearest_twin(As)):
+            if cosine is not None:
+                cosines[a.name, m] = round(cosine, 4)
+    if held_out_fits(ranks):  # else held_out_errors computes nothing: no T views per module for it
+        for g, (module, result) in enumerate(zip(batch, results)):
+            factors = [(B[g, t, :, :r], A[g, t, :r]) for t, r in enumerate(ranks)]
+            held = held_out_errors(factors, scales[g].tolist(), result.U.shape[1], result.V.shape[1])
+            for a, err2 in zip(holders, held or []):
+                held_out[a.name, module] = err2
+    return results, cosines, held_out
+
+
 def _build(adapters, shapes, batches, rule, method, sweeps, p, store, staging: Dir, progress, device, with_extras=True,
            max_error=None) -> dict:
-    """Compute every batch of modules (reading the next while this one computes), then write the files.
+    """Compute every batch of modules (two at once on a CPU, ``compute_workers``, reading the next
+    meanwhile), then write the files.
 
     Each batch's bases and cores wait in a ``Spill`` on the zoo's disk until the files are written,
     so the memory a merge needs does not grow with its modules.
@@ -381,56 +452,68 @@ def _build_into(spill: Spill, adapters, shapes, batches, rule, method, sweeps, p
     digests = [hasher.submit(lambda a=a: a.sha256) for a in adapters]
     twins: dict[tuple[str, str], float] = {}  # (adapter, module): lora_A's largest cosine with another's
     loo: dict[tuple[str, str], float] = {}  # (adapter, module): squared error on bases fit without it
-    done = 0
+    finished, ticking = itertools.count(1), threading.Lock()  # modules done, whichever worker did them, told in order
+    workers = compute_workers(device)
+    slots = tuple(Scratch(pinned=device.type == "cuda") for _ in range(workers + 1))
+    # on the CPU each batch is read into one set of buffers, and its stacks made from them in its slot
+    reading = Scratch() if device.type == "cpu" else None
+    compute = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+
+    def load(i: int):
+        batch = batches[i]
+        slot = slots[i % len(slots)]
+        return ready_for(*load_stacked(holders_of[batch[0]], batch, files, reading if reading is not None else slot), device, slot)
+
+    def run(i: int, B: torch.Tensor, A: torch.Tensor, ranks: list[int]):
+        batch = batches[i]
+
+        def tick(g: int) -> None:
+            with ticking:
+                progress(next(finished), len(order), batch[g])
+
+        per = lambda x: [x[m] for m in batch] if isinstance(x, dict) else x  # noqa: E731  (a budget's per-module k and p)
+        return compute_batch(batch, holders_of[batch[0]], B, A, ranks, per(rule), method, sweeps, per(p), store, device,
+                             tick if progress else None)
+
+    def file(i: int, outcome) -> None:
+        """Batch i's results into the manifest's entries and the spill, in batch order."""
+        results, cosines, held_out = outcome
+        twins.update(cosines)
+        loo.update(held_out)
+        batch = batches[i]
+        basis: dict[str, torch.Tensor] = {}
+        cores: dict[str, dict[str, torch.Tensor]] = {a.name: {} for a in holders_of[batch[0]]}
+        for module, result in zip(batch, results):
+            n, d = shapes[module]
+            _collect(module, n, d, holders_of[module], result, basis, modules, cores, entries)
+        spill.put({BASIS: basis, **cores})
+
     try:
-        # Batch i's stacks live in slots[i % 2]: the reader fills batch i + 2's only once batch i is
-        # done with (it is asked for after batch i + 1 was taken), and nothing of a batch outlives it.
-        slots = (Scratch(pinned=device.type == "cuda"), Scratch(pinned=device.type == "cuda"))
-
-        def load(i: int):
-            batch = batches[i]
-            return ready_for(*load_stacked(holders_of[batch[0]], batch, files, slots[i % 2]), device, slots[i % 2])
-
-        pending = reader.submit(load, 0) if batches else None
-        for i, batch in enumerate(batches):
-            B, A, ranks = pending.result()
-            if i + 1 < len(batches):
-                pending = reader.submit(load, i + 1)
-            holders = holders_of[batch[0]]
-            scales = torch.tensor([[a.modules[m].scale for a in holders] for m in batch], dtype=torch.float64)
-            B, A = B.to(device), A.to(device)  # once: the compute and the diagnostics below use them there
-            per = lambda x: [x[m] for m in batch] if isinstance(x, dict) else x  # noqa: E731  (a budget's per-module k and p)
-            tick = (lambda g, base=done, batch=batch: progress(base + g + 1, len(order), batch[g])) if progress else None
-            bad = lambda batch=batch: name_the_bad_tensor(holders_of[batch[0]], batch)  # noqa: E731
-            try:
-                results = compress_stacked(B, A, scales, ranks, per(rule), method, sweeps, per(p), store, device, tick, bad)
-            except torch.linalg.LinAlgError as exc:  # finite factors whose products overflow float32, say
-                where = holders[0].source if len(holders) == 1 else "the adapters"
-                raise InputError(where, f"the factors of {', '.join(batch)} could not be decomposed ({str(exc).splitlines()[0]}); "
-                                        "are their magnitudes sane?") from exc
-            for g, m in enumerate(batch):  # after the stacks were found finite
-                As = A[g] if len(set(ranks)) == 1 else [A[g, t, :r] for t, r in enumerate(ranks)]
-                for a, cosine in zip(holders, nearest_twin(As)):
-                    if cosine is not None:
-                        twins[a.name, m] = round(cosine, 4)
-            if held_out_fits(ranks):  # else held_out_errors computes nothing: no T views per module for it
-                for g, (module, result) in enumerate(zip(batch, results)):
-                    factors = [(B[g, t, :, :r], A[g, t, :r]) for t, r in enumerate(ranks)]
-                    held = held_out_errors(factors, scales[g].tolist(), result.U.shape[1], result.V.shape[1])
-                    for a, err2 in zip(holders, held or []):
-                        loo[a.name, module] = err2
-            del B, A
-            basis: dict[str, torch.Tensor] = {}
-            cores: dict[str, dict[str, torch.Tensor]] = {a.name: {} for a in holders}
-            for module, result in zip(batch, results):
-                n, d = shapes[module]
-                _collect(module, n, d, holders_of[module], result, basis, modules, cores, entries)
-                done += 1
-            spill.put({BASIS: basis, **cores})
-            del basis, cores, results
+        # Batch i's stacks live in slots[i % (workers + 1)]: the reader fills batch i + 1's only once
+        # batch i − workers is filed, and nothing of a batch outlives its filing.
+        in_flight: deque = deque()
+        with compute_threads(workers):
+            pending = reader.submit(load, 0) if batches else None
+            for i in range(len(batches)):
+                stacks = pending.result()
+                while len(in_flight) >= workers:  # batch i − workers is done with its slot before the next read
+                    j, outcome = in_flight.popleft()
+                    file(j, outcome.result())
+                if i + 1 < len(batches):
+                    pending = reader.submit(load, i + 1)
+                if compute is None:
+                    file(i, run(i, *stacks))
+                else:
+                    in_flight.append((i, compute.submit(run, i, *stacks)))
+                del stacks
+            while in_flight:
+                j, outcome = in_flight.popleft()
+                file(j, outcome.result())
         for adapter, digest in zip(adapters, digests):
             entries[adapter.name]["sha256"] = digest.result()
     finally:  # on an error, stop what is queued rather than finish it
+        if compute is not None:
+            compute.shutdown(wait=True, cancel_futures=True)
         reader.shutdown(wait=True, cancel_futures=True)
         files.shutdown(wait=True, cancel_futures=True)
         hasher.shutdown(wait=True, cancel_futures=True)
