@@ -239,6 +239,7 @@ def test_bare_safetensors_with_rank_and_alpha(tmp_path):
 def test_progress_advances_per_module_within_one_batch(tmp_path, monkeypatch):
     from sharecompress.ops import merge as merge_op
 
+    monkeypatch.setattr(merge_op, "compute_workers", lambda device: 1)  # one batch at a time: "the first batch" is one
     specs = [(4, 16, False), (2, 8, False)]
     paths, _ = make_zoo(tmp_path, specs)
     returned = []  # batches whose compute has returned
