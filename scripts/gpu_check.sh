@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command on a machine with a GPU: the CUDA tests, the merge benchmark at 7B shape (500 adapters,
 # 32 layers × q/k/v/o of 4096×4096, rank 16, fp16, streamed from disk), the same merge timed phase
-# by phase in process (scripts/merge_phases.py), and the runtime benchmark.
+# by phase in process (scripts/merge_phases.py), the CPU merge with one and two batches at once on
+# this machine's cores, and the runtime benchmark.
 #
 #   bash scripts/gpu_check.sh            # the full check (about 6 minutes on one H100)
 #   bash scripts/gpu_check.sh --small    # tiny sizes, every stage end to end (falls back to the CPU without CUDA)
@@ -32,9 +33,9 @@ export OUT="$OUTDIR"
 T_START=$(date +%s)
 
 if [ "$SMALL" = 1 ]; then
-  CAP_ENV=60; CAP_TESTS=300; CAP_RT_TEST=300; CAP_BENCH=180; CAP_PHASES=120; CAP_RUNTIME=180
+  CAP_ENV=60; CAP_TESTS=300; CAP_RT_TEST=300; CAP_BENCH=180; CAP_PHASES=120; CAP_WORKERS=120; CAP_RUNTIME=180
 else
-  CAP_ENV=20; CAP_TESTS=80; CAP_RT_TEST=50; CAP_BENCH=240; CAP_PHASES=60; CAP_RUNTIME=75  # 585 s at most, about 6 min expected
+  CAP_ENV=20; CAP_TESTS=80; CAP_RT_TEST=50; CAP_BENCH=240; CAP_PHASES=50; CAP_WORKERS=35; CAP_RUNTIME=60  # 585 s at most, about 6 min expected
 fi
 
 NAMES=(); CODES=(); TIMES=()
@@ -139,6 +140,18 @@ else
   echo "=================== [merge_phases] skipped: the merge benchmark left no sources"
 fi
 
+# -- 4b. the CPU merge with one and two batches at once, on this machine's cores ---------------------
+# (ops/merge.compute_workers takes two on any CPU of two cores or more; measured on 2 cores only)
+cpu_workers() {
+  local src="$OUTDIR/cpu-zoo"
+  if [ "$SMALL" = 1 ]; then set -- --adapters 8 --layers 2 --hidden 256; else set -- --adapters 128 --layers 8 --hidden 1024; fi
+  [ -d "$src" ] || "$PY" scripts/synthetic_zoo.py "$src" "$@" --rank 16 || return 1
+  for w in 1 2 1 2; do "$PY" scripts/merge_phases.py "$src" -k 32 --device cpu --workers "$w" | grep -E "adapters from|\| merge\(\)"; done
+}
+export -f cpu_workers
+export SMALL OUTDIR
+stage cpu_workers "$CAP_WORKERS" bash -c cpu_workers
+
 # -- 5. runtime benchmark ---------------------------------------------------------------------
 if [ "$SMALL" = 1 ]; then
   stage runtime_bench "$CAP_RUNTIME" "$PY" scripts/bench_runtime.py --device "$DEV" --adapters 8 --repeats 2
@@ -166,6 +179,8 @@ fi
   grep -hE "^(\||[0-9]+ adapters from)" "$OUTDIR/merge_phases.log" 2>/dev/null
   echo "--- the same, the sketch's early iterations in bfloat16 ---"
   grep -hE "^(\||[0-9]+ adapters from)" "$OUTDIR/merge_phases_bf16.log" 2>/dev/null
+  echo "--- the CPU merge, one and two batches at once (--workers 1, 2, 1, 2) ---"
+  grep -hE "adapters from|\| merge\(\)" "$OUTDIR/cpu_workers.log" 2>/dev/null
   echo
   echo "--- runtime benchmark ---"
   grep -hE "^(device:|\|)" "$OUTDIR/runtime_bench.log" 2>/dev/null
