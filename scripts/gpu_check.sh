@@ -141,7 +141,7 @@ else
 fi
 
 # -- 4b. the CPU merge with one and two batches at once, on this machine's cores ---------------------
-# (ops/merge.compute_workers takes two on any CPU of two cores or more; measured on 2 cores only)
+# (ops/merge.compute_workers takes two wherever torch has two threads or more; measured on 2 cores only)
 cpu_workers() {
   local src="$OUTDIR/cpu-zoo"
   if [ "$SMALL" = 1 ]; then set -- --adapters 8 --layers 2 --hidden 256; else set -- --adapters 128 --layers 8 --hidden 1024; fi

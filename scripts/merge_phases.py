@@ -11,7 +11,7 @@ writing), so they do not add up to the whole.
     python scripts/merge_phases.py /tmp/bench13/zoo-128x8x1024-r16 --zoo /tmp/phases-zoo
     python scripts/merge_phases.py SRC --device cuda --sketch-half bfloat16   # the GPU's sketch in bfloat16 too
 
-With two compute workers (the package's choice on a CPU of two cores or more,
+With two compute workers (the package's choice on a CPU where torch has two threads or more,
 ``ops.merge.compute_workers``) the compute phases add up both workers' time, and the main
 thread's waits include its waits on them; ``--workers 1`` times one batch after another.
 

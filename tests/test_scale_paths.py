@@ -280,3 +280,20 @@ def test_a_bad_batch_among_two_workers_names_its_file_and_leaves_nothing(tmp_pat
     assert str(bad / "adapter_model.safetensors") in str(caught.value)
     assert torch.get_num_threads() == threads
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_process_held_to_one_thread_computes_one_batch_at_a_time():
+    """Two workers only where torch has two threads to share (OMP_NUM_THREADS=1 is a user's limit);
+    a GPU always one."""
+    import importlib
+
+    merge_module = importlib.import_module("sharecompress.ops.merge")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert merge_module.compute_workers(torch.device("cpu")) == 1
+        torch.set_num_threads(2)
+        assert merge_module.compute_workers(torch.device("cpu")) == 2
+        assert merge_module.compute_workers(torch.device("cuda")) == 1
+    finally:
+        torch.set_num_threads(threads)

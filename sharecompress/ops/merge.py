@@ -241,15 +241,17 @@ READ_TASKS = 16  # tasks a batch's reading is cut into (each a run of adapters):
 
 
 def compute_workers(device: torch.device) -> int:
-    """Batches computed at once: two on a CPU with two cores or more, one on a GPU.
+    """Batches computed at once: two on a CPU where torch has two threads or more, one on a GPU.
 
     Much of a batch's compute is small solves and products that one core runs as fast as two
     (eigen-solves of 64 × 64, r × r Grams, Python between them): with one worker the second
-    core idled through them. Two workers, each on half the cores, keep both busy. Measured on
-    the 2-core machine, a merge's compute took 2.46 s on one thread against 2.17 s on two
-    (docs/speed.md). A GPU runs one batch at a time: its work is queued on one stream anyway.
+    core idled through them. Two workers, each on half of torch's threads, keep both busy.
+    Measured on the 2-core machine, a merge's compute took 2.46 s on one thread against 2.17 s on
+    two (docs/speed.md). torch's thread count, not the machine's cores, decides: a process held to
+    one thread (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``) keeps one worker. A GPU runs
+    one batch at a time: its work is queued on one stream anyway.
     """
-    return 2 if device.type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+    return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
 
 
 @contextmanager
