@@ -67,6 +67,8 @@ def main() -> None:
         half = None if args.sketch_half == "float32" else torch.bfloat16
         linalg.fast_half = lambda _device: half
     half = linalg.fast_half(device)
+    if args.workers is not None and args.workers < 1:
+        ap.error("--workers must be at least 1")
     if args.workers is not None:
         merge_module.compute_workers = lambda _device: args.workers
     workers = merge_module.compute_workers(device)

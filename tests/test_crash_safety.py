@@ -120,3 +120,45 @@ def test_kill_during_a_remove_that_refits(tmp_path, zoo_and_new, step):
     problems, _ = verify(zoo_dir)
     assert problems == []
     assert snapshot(zoo_dir) == (after if step == "after-manifest" else before)
+
+
+INTERRUPTED_MERGE = """
+import sys, torch
+import sharecompress, sharecompress.ops.merge as M
+real = M.compress_stacked
+said = []
+def heavy(*a, **k):  # each batch spends about a second inside torch's C++ before its own compute
+    if not said:
+        said.append(1)
+        print("computing", flush=True)
+    for _ in range(6):
+        torch.linalg.eigh(torch.randn(700, 700, dtype=torch.float64))
+    return real(*a, **k)
+M.compress_stacked, M.BATCH_BYTES, M.compute_workers = heavy, 1, lambda device: 2
+torch.set_num_threads(2)
+try:
+    sharecompress.merge(sys.argv[2:], sys.argv[1], k=2)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+"""
+
+
+def test_repeated_ctrl_c_waits_for_the_compute_workers(tmp_path):
+    """Ctrl-C four times, 30 ms apart, while both workers are inside torch: the merge waits for them and the
+    process ends as interrupted (it was a C++ abort, exit 134, "terminate called without an active
+    exception": an interrupted join marked a running worker as stopped; review finding)."""
+    import signal
+
+    paths = [str(write_peft_adapter(tmp_path / f"a{i}", random_factors(MODULES, 2, seed=i))) for i in range(3)]
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED_MERGE, str(tmp_path / "out" / "zoo"), *paths],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "computing"
+    time.sleep(0.2)  # both workers inside eigh
+    for _ in range(4):  # the first stops the merge; the others land while it waits for its workers
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.03)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert "terminate called" not in err and "interrupted" in out
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

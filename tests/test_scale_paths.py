@@ -297,3 +297,40 @@ def test_a_process_held_to_one_thread_computes_one_batch_at_a_time():
         assert merge_module.compute_workers(torch.device("cuda")) == 1
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("ends", ["first in, first out", "last in, first out"])
+def test_overlapping_merges_give_torch_its_thread_count_back(ends):
+    """Two merges that share out torch's threads at once in one process (the count is the
+    process's): whichever ends last restores the count from before the first (review finding:
+    the second restored the first's share)."""
+    import importlib
+
+    merge_module = importlib.import_module("sharecompress.ops.merge")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        first, second = merge_module.compute_threads(2), merge_module.compute_threads(2)
+        first.__enter__()
+        assert torch.get_num_threads() == 2
+        second.__enter__()
+        assert torch.get_num_threads() == 2
+        for ending in ((first, second) if ends == "first in, first out" else (second, first)):
+            ending.__exit__(None, None, None)
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_lone_batch_keeps_every_thread(tmp_path, monkeypatch):
+    import importlib
+
+    merge_module = importlib.import_module("sharecompress.ops.merge")
+    monkeypatch.setattr(merge_module, "compute_workers", lambda device: 2)
+    seen = []
+    real = merge_module.compute_threads
+    monkeypatch.setattr(merge_module, "compute_threads", lambda workers: (seen.append(workers), real(workers))[1])
+    one = {"layers.0.q_proj": (20, 18)}
+    srcs = [str(write_peft_adapter(tmp_path / f"a{i}", random_factors(one, 3, seed=i))) for i in range(3)]
+    sharecompress.merge(srcs, tmp_path / "zoo", k=2)
+    assert seen == [1]

@@ -7,7 +7,8 @@ import math
 import os
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+import concurrent.futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -132,6 +133,9 @@ def merge(
     ``max_error`` X: every adapter whose exact relative error is above X after the shared fit
     keeps a private low-rank residual, the least that brings it to ≤ X (``core.residual``); the
     zoo records X and ``add`` holds it.
+    ``progress(done, total, module)`` is called once per module, in order, one call at a time, from
+    the thread that computed it (on a CPU two batches compute at once: ``compute_workers``); the
+    merge sets torch's thread count for its duration (``compute_threads``).
     """
     sources = list(sources)
     chosen = [flag for flag, value in (("-k", k), ("--energy", energy), ("--budget", budget), ("--ratio", ratio)) if value is not None]
@@ -254,18 +258,49 @@ def compute_workers(device: torch.device) -> int:
     return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
 
 
+_threads_lock = threading.Lock()
+_threads_held: list[int] = []  # torch's thread count before the first merge that shares it out, while any does
+
+
 @contextmanager
 def compute_threads(workers: int) -> Iterator[None]:
-    """torch's threads shared among ``workers`` batches computed at once (restored afterwards)."""
-    threads = torch.get_num_threads()
+    """torch's threads shared among ``workers`` batches computed at once, restored when the last
+    merge that shared them ends (the count is the whole process's: two merges that overlap in one
+    process must not leave it at the share)."""
     if workers <= 1:
         yield
         return
-    torch.set_num_threads(max(1, threads // workers))
+    with _threads_lock:
+        if not _threads_held:
+            _threads_held.append(torch.get_num_threads())
+            torch.set_num_threads(max(1, _threads_held[0] // workers))
+        _threads_held.append(workers)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        with _threads_lock:
+            _threads_held.pop()
+            if len(_threads_held) == 1:
+                torch.set_num_threads(_threads_held.pop())
+
+
+def wait_out(futures: Iterable[Future | None]) -> None:
+    """Wait until each future's work has ended, through any further Ctrl-C.
+
+    A compute worker may be inside torch when a merge fails or is interrupted: the process must
+    not go on to exit under it (a C++ abort, "terminate called without an active exception").
+    ``Thread.join`` cannot be trusted for this: interrupted, Python 3.11's join marks a thread
+    that still runs as stopped. A future's own wait can be taken again.
+    """
+    pending = [f for f in futures if f is not None]
+    for future in pending:
+        future.cancel()  # what has not started never will
+    while True:
+        try:
+            concurrent.futures.wait(pending)
+            return
+        except KeyboardInterrupt:  # the first one is on its way up already
+            continue
 
 
 def plan_batches(shapes: dict[str, tuple[int, int]], adapters: list[Adapter], budget: int | None = None) -> list[list[str]]:
@@ -455,7 +490,7 @@ def _build_into(spill: Spill, adapters, shapes, batches, rule, method, sweeps, p
     twins: dict[tuple[str, str], float] = {}  # (adapter, module): lora_A's largest cosine with another's
     loo: dict[tuple[str, str], float] = {}  # (adapter, module): squared error on bases fit without it
     finished, ticking = itertools.count(1), threading.Lock()  # modules done, whichever worker did them, told in order
-    workers = compute_workers(device)
+    workers = min(compute_workers(device), max(1, len(batches)))  # a lone batch keeps every thread
     slots = tuple(Scratch(pinned=device.type == "cuda") for _ in range(workers + 1))
     # on the CPU each batch is read into one set of buffers, and its stacks made from them in its slot
     reading = Scratch() if device.type == "cpu" else None
@@ -490,19 +525,21 @@ def _build_into(spill: Spill, adapters, shapes, batches, rule, method, sweeps, p
             _collect(module, n, d, holders_of[module], result, basis, modules, cores, entries)
         spill.put({BASIS: basis, **cores})
 
-    try:
-        # Batch i's stacks live in slots[i % (workers + 1)]: the reader fills batch i + 1's only once
-        # batch i − workers is filed, and nothing of a batch outlives its filing.
-        in_flight: deque = deque()
-        with compute_threads(workers):
+    in_flight: deque[tuple[int, Future]] = deque()
+    pending: Future | None = None
+    # The thread count is given back only once no worker runs: one inside ``linalg.one_thread``
+    # would otherwise set its own saved count back after it.
+    with compute_threads(workers):
+        try:
+            # Batch i's stacks live in slots[i % (workers + 1)]: the reader fills batch i + 1's only
+            # once batch i − workers is filed, and nothing of a batch outlives its filing.
             pending = reader.submit(load, 0) if batches else None
             for i in range(len(batches)):
                 stacks = pending.result()
                 while len(in_flight) >= workers:  # batch i − workers is done with its slot before the next read
                     j, outcome = in_flight.popleft()
                     file(j, outcome.result())
-                if i + 1 < len(batches):
-                    pending = reader.submit(load, i + 1)
+                pending = reader.submit(load, i + 1) if i + 1 < len(batches) else None
                 if compute is None:
                     file(i, run(i, *stacks))
                 else:
@@ -511,14 +548,15 @@ def _build_into(spill: Spill, adapters, shapes, batches, rule, method, sweeps, p
             while in_flight:
                 j, outcome = in_flight.popleft()
                 file(j, outcome.result())
-        for adapter, digest in zip(adapters, digests):
-            entries[adapter.name]["sha256"] = digest.result()
-    finally:  # on an error, stop what is queued rather than finish it
-        if compute is not None:
-            compute.shutdown(wait=True, cancel_futures=True)
-        reader.shutdown(wait=True, cancel_futures=True)
-        files.shutdown(wait=True, cancel_futures=True)
-        hasher.shutdown(wait=True, cancel_futures=True)
+            for adapter, digest in zip(adapters, digests):
+                entries[adapter.name]["sha256"] = digest.result()
+        finally:  # on an error, stop what is queued rather than finish it, and wait for what runs
+            wait_out([pending, *(outcome for _, outcome in in_flight)])
+            if compute is not None:
+                compute.shutdown(wait=True, cancel_futures=True)
+            reader.shutdown(wait=True, cancel_futures=True)
+            files.shutdown(wait=True, cancel_futures=True)
+            hasher.shutdown(wait=True, cancel_futures=True)
     if max_error is not None:
         add_residuals(adapters, spill, entries, max_error, store, progress)
     modules = {m: modules[m] for m in shapes}  # the manifest lists modules in name order
