@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import math
 import os
 import threading
 from collections import deque
-import concurrent.futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -259,7 +259,8 @@ def compute_workers(device: torch.device) -> int:
 
 
 _threads_lock = threading.Lock()
-_threads_held: list[int] = []  # torch's thread count before the first merge that shares it out, while any does
+# while any merge shares torch's threads out: the count from before the first, then one entry per such merge
+_threads_held: list[int] = []
 
 
 @contextmanager
@@ -527,6 +528,15 @@ def _build_into(spill: Spill, adapters, shapes, batches, rule, method, sweeps, p
 
     in_flight: deque[tuple[int, Future]] = deque()
     pending: Future | None = None
+
+    def file_oldest() -> None:
+        """The oldest batch in flight, filed once its compute ends; it leaves ``in_flight`` only then,
+        so that an interrupted wait for it still finds it there (``wait_out``)."""
+        j, outcome = in_flight[0]
+        done = outcome.result()
+        in_flight.popleft()
+        file(j, done)
+
     # The thread count is given back only once no worker runs: one inside ``linalg.one_thread``
     # would otherwise set its own saved count back after it.
     with compute_threads(workers):
@@ -537,8 +547,7 @@ def _build_into(spill: Spill, adapters, shapes, batches, rule, method, sweeps, p
             for i in range(len(batches)):
                 stacks = pending.result()
                 while len(in_flight) >= workers:  # batch i − workers is done with its slot before the next read
-                    j, outcome = in_flight.popleft()
-                    file(j, outcome.result())
+                    file_oldest()
                 pending = reader.submit(load, i + 1) if i + 1 < len(batches) else None
                 if compute is None:
                     file(i, run(i, *stacks))
@@ -546,8 +555,7 @@ def _build_into(spill: Spill, adapters, shapes, batches, rule, method, sweeps, p
                     in_flight.append((i, compute.submit(run, i, *stacks)))
                 del stacks
             while in_flight:
-                j, outcome = in_flight.popleft()
-                file(j, outcome.result())
+                file_oldest()
             for adapter, digest in zip(adapters, digests):
                 entries[adapter.name]["sha256"] = digest.result()
         finally:  # on an error, stop what is queued rather than finish it, and wait for what runs
