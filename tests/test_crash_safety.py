@@ -162,3 +162,34 @@ def test_repeated_ctrl_c_waits_for_the_compute_workers(tmp_path):
     assert proc.returncode == 130, (proc.returncode, err[-2000:])
     assert "terminate called" not in err and "interrupted" in out
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_held_interrupts_deliver_a_ctrl_c_once_when_the_block_ends():
+    """Inside ``held_interrupts`` a SIGINT is recorded, not raised (nested blocks too), and raised
+    once the outermost block ends; outside the main thread the block holds nothing."""
+    import signal
+    import threading
+
+    from sharecompress.store.interrupts import held_interrupts
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with held_interrupts():
+            with held_interrupts():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                reached.append("inner")
+            reached.append("outer")
+    assert reached == ["inner", "outer"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    seen = []
+
+    def elsewhere() -> None:  # signals reach only the main thread: nothing is swapped here
+        with held_interrupts():
+            seen.append(signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+
+    worker = threading.Thread(target=elsewhere)
+    worker.start()
+    worker.join()
+    assert seen == [True]

@@ -26,6 +26,7 @@ from ..io.readers import find_adapters
 from ..io.safetensors_file import byte_view
 from ..store.manifest import DEFAULT_ZOO, MANIFEST, manifest_bytes, replaceable_zoo
 from ..store.storage import staged_directory
+from ..store.interrupts import held_interrupts
 from ..store.spill import BASIS, Spill
 from ..store.writer import write_zoo_files
 from .anchors import anchor_here
@@ -271,7 +272,7 @@ def compute_threads(workers: int) -> Iterator[None]:
     if workers <= 1:
         yield
         return
-    with _threads_lock:
+    with held_interrupts(), _threads_lock:
         if not _threads_held:
             _threads_held.append(torch.get_num_threads())
             torch.set_num_threads(max(1, _threads_held[0] // workers))
@@ -279,29 +280,23 @@ def compute_threads(workers: int) -> Iterator[None]:
     try:
         yield
     finally:
-        with _threads_lock:
+        with held_interrupts(), _threads_lock:  # a Ctrl-C between the two would leave the share for good
             _threads_held.pop()
             if len(_threads_held) == 1:
                 torch.set_num_threads(_threads_held.pop())
 
 
 def wait_out(futures: Iterable[Future | None]) -> None:
-    """Wait until each future's work has ended, through any further Ctrl-C.
+    """Cancel the futures not started and wait until the others' work has ended.
 
     A compute worker may be inside torch when a merge fails or is interrupted: the process must
-    not go on to exit under it (a C++ abort, "terminate called without an active exception").
-    ``Thread.join`` cannot be trusted for this: interrupted, Python 3.11's join marks a thread
-    that still runs as stopped. A future's own wait can be taken again.
+    not go on to exit under it (a C++ abort). ``Thread.join`` cannot be trusted for that (see
+    ``store.interrupts``); the callers hold Ctrl-C (``held_interrupts``) while this waits.
     """
     pending = [f for f in futures if f is not None]
     for future in pending:
         future.cancel()  # what has not started never will
-    while True:
-        try:
-            concurrent.futures.wait(pending)
-            return
-        except KeyboardInterrupt:  # the first one is on its way up already
-            continue
+    concurrent.futures.wait(pending)
 
 
 def plan_batches(shapes: dict[str, tuple[int, int]], adapters: list[Adapter], budget: int | None = None) -> list[list[str]]:
@@ -484,10 +479,6 @@ def _build_into(spill: Spill, adapters, shapes, batches, rule, method, sweeps, p
     # sources read one batch ahead, a file per task; hashed alongside. Both take their share of a
     # large machine, and one thread each on a small one, where the compute needs the cores
     cores_here = os.cpu_count() or 1
-    reader = ThreadPoolExecutor(max_workers=1)
-    files = ThreadPoolExecutor(max_workers=max(1, min(8, cores_here // 2)))
-    hasher = ThreadPoolExecutor(max_workers=max(1, min(4, cores_here // 4)))
-    digests = [hasher.submit(lambda a=a: a.sha256) for a in adapters]
     twins: dict[tuple[str, str], float] = {}  # (adapter, module): lora_A's largest cosine with another's
     loo: dict[tuple[str, str], float] = {}  # (adapter, module): squared error on bases fit without it
     finished, ticking = itertools.count(1), threading.Lock()  # modules done, whichever worker did them, told in order
@@ -495,7 +486,8 @@ def _build_into(spill: Spill, adapters, shapes, batches, rule, method, sweeps, p
     slots = tuple(Scratch(pinned=device.type == "cuda") for _ in range(workers + 1))
     # on the CPU each batch is read into one set of buffers, and its stacks made from them in its slot
     reading = Scratch() if device.type == "cpu" else None
-    compute = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    reader = files = hasher = compute = None
+    digests: list[Future] = []
 
     def load(i: int):
         batch = batches[i]
@@ -541,30 +533,38 @@ def _build_into(spill: Spill, adapters, shapes, batches, rule, method, sweeps, p
     # would otherwise set its own saved count back after it.
     with compute_threads(workers):
         try:
-            # Batch i's stacks live in slots[i % (workers + 1)]: the reader fills batch i + 1's only
-            # once batch i − workers is filed, and nothing of a batch outlives its filing.
-            pending = reader.submit(load, 0) if batches else None
+            # Each hand-over of work to a thread (its start included) completes with Ctrl-C held, so
+            # that everything started is held here and waited out below (``store.interrupts``).
+            with held_interrupts():
+                reader = ThreadPoolExecutor(max_workers=1)
+                files = ThreadPoolExecutor(max_workers=max(1, min(8, cores_here // 2)))
+                hasher = ThreadPoolExecutor(max_workers=max(1, min(4, cores_here // 4)))
+                compute = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+                digests = [hasher.submit(lambda a=a: a.sha256) for a in adapters]
+                # Batch i's stacks live in slots[i % (workers + 1)]: the reader fills batch i + 1's only
+                # once batch i − workers is filed, and nothing of a batch outlives its filing.
+                pending = reader.submit(load, 0) if batches else None
             for i in range(len(batches)):
                 stacks = pending.result()
                 while len(in_flight) >= workers:  # batch i − workers is done with its slot before the next read
                     file_oldest()
-                pending = reader.submit(load, i + 1) if i + 1 < len(batches) else None
+                with held_interrupts():
+                    pending = reader.submit(load, i + 1) if i + 1 < len(batches) else None
+                    if compute is not None:
+                        in_flight.append((i, compute.submit(run, i, *stacks)))
                 if compute is None:
                     file(i, run(i, *stacks))
-                else:
-                    in_flight.append((i, compute.submit(run, i, *stacks)))
                 del stacks
             while in_flight:
                 file_oldest()
             for adapter, digest in zip(adapters, digests):
                 entries[adapter.name]["sha256"] = digest.result()
         finally:  # on an error, stop what is queued rather than finish it, and wait for what runs
-            wait_out([pending, *(outcome for _, outcome in in_flight)])
-            if compute is not None:
-                compute.shutdown(wait=True, cancel_futures=True)
-            reader.shutdown(wait=True, cancel_futures=True)
-            files.shutdown(wait=True, cancel_futures=True)
-            hasher.shutdown(wait=True, cancel_futures=True)
+            with held_interrupts():
+                wait_out([pending, *(outcome for _, outcome in in_flight), *digests])
+                for pool in (compute, reader, files, hasher):
+                    if pool is not None:
+                        pool.shutdown(wait=True, cancel_futures=True)
     if max_error is not None:
         add_residuals(adapters, spill, entries, max_error, store, progress)
     modules = {m: modules[m] for m in shapes}  # the manifest lists modules in name order

@@ -12,6 +12,7 @@ the file system as it is read.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import math
 import os
@@ -24,6 +25,7 @@ import torch
 from ..errors import StorageError
 from ..io.confined import Dir, os_problem
 from ..io.safetensors_file import byte_view, dtype_name, encode_layout, host_tensor, stored_bytes, torch_dtype
+from .interrupts import held_interrupts
 from .storage import punch_hole
 
 BASIS = None  # the owner of the basis tensors; every other owner is an adapter's name
@@ -61,10 +63,11 @@ class Spill:
         """Closes the file after any write in flight (never under it: the descriptor's number could
         be reused, and the write land in another file), in the spill's thread, so that even a
         second Ctrl-C during the wait leaves the close queued behind the write."""
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            self.writer.submit(os.close, fd)
-        self.writer.shutdown(wait=True)
+        with held_interrupts():  # an interrupted join would leave the write running as the process exits
+            if self.fd >= 0:
+                fd, self.fd = self.fd, -1
+                self.writer.submit(os.close, fd)
+            self.writer.shutdown(wait=True)
 
     def put(self, owners: dict[Owner, dict[str, torch.Tensor]]) -> None:
         """Append each owner's tensors (one write for all of them); a name is never put twice for one owner.
@@ -73,11 +76,14 @@ class Spill:
         batch's compute releases Python's lock); the tensors must not change after this call.
         """
         self.settle()
-        self.writing = self.writer.submit(self._put, owners, self.fd)  # the descriptor now: close() may clear it before this runs
+        with held_interrupts():  # the write is held once started (``store.interrupts``)
+            self.writing = self.writer.submit(self._put, owners, self.fd)  # the descriptor now: close() may clear it first
 
     def settle(self) -> None:
         """Waits for the ``put`` in flight; raises its error."""
         if self.writing is not None:
+            with held_interrupts():  # cleared only once the write has ended, so close() still waits for it
+                concurrent.futures.wait([self.writing])
             writing, self.writing = self.writing, None
             writing.result()
 

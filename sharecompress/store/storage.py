@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 from ..io.confined import Dir, iter_chunks, os_problem
 from ..errors import StorageError, ZooError
 from ..io.safetensors_file import encode
+from .interrupts import held_interrupts
 from .zoo_files import LOCK
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -376,11 +377,13 @@ def staged_directory(
         except StorageError as exc:
             staging.close()
             if not isinstance(exc, KeepStaging):
-                remove_tree(parent, name)
+                with held_interrupts():  # a second Ctrl-C must not leave half of it behind
+                    remove_tree(parent, name)
             if exc.path.startswith(str(parent.path / name)):  # name the target, not the hidden staging name
                 raise StorageError(target, exc.problem) from None
             raise
         except BaseException:
             staging.close()
-            remove_tree(parent, name)
+            with held_interrupts():
+                remove_tree(parent, name)
             raise
