@@ -266,24 +266,30 @@ _threads_held: list[int] = []
 
 @contextmanager
 def compute_threads(workers: int) -> Iterator[None]:
-    """torch's threads shared among ``workers`` batches computed at once, restored when the last
-    merge that shared them ends (the count is the whole process's: two merges that overlap in one
-    process must not leave it at the share)."""
+    """torch's threads shared among ``workers`` batches computed at once, while any merge shares them.
+
+    The count is the process's for new threads and for MKL, and each thread's own for OpenMP: a
+    merge that ends gives its thread the count from before the first merge back, and the last
+    one to end gives it back to the process (two merges that overlap in one process, in one thread
+    or two, must not leave either at the share).
+    """
     if workers <= 1:
         yield
         return
     with held_interrupts(), _threads_lock:
         if not _threads_held:
             _threads_held.append(torch.get_num_threads())
-            torch.set_num_threads(max(1, _threads_held[0] // workers))
+        torch.set_num_threads(max(1, _threads_held[0] // workers))
         _threads_held.append(workers)
     try:
         yield
     finally:
-        with held_interrupts(), _threads_lock:  # a Ctrl-C between the two would leave the share for good
+        with held_interrupts(), _threads_lock:  # a Ctrl-C in here would leave the share for good
             _threads_held.pop()
+            before = _threads_held[0]
             if len(_threads_held) == 1:
-                torch.set_num_threads(_threads_held.pop())
+                _threads_held.clear()
+            torch.set_num_threads(before)
 
 
 def wait_out(futures: Iterable[Future | None]) -> None:
