@@ -482,8 +482,6 @@ def _build_into(spill: Spill, adapters, shapes, batches, rule, method, sweeps, p
     modules: dict[str, dict] = {}
     order = list(shapes.items())
     holders_of = {m: [a for a in adapters if m in a.modules] for m, _ in order}
-    # sources read one batch ahead, a file per task; hashed alongside. Both take their share of a
-    # large machine, and one thread each on a small one, where the compute needs the cores
     cores_here = os.cpu_count() or 1
     twins: dict[tuple[str, str], float] = {}  # (adapter, module): lora_A's largest cosine with another's
     loo: dict[tuple[str, str], float] = {}  # (adapter, module): squared error on bases fit without it
@@ -542,6 +540,8 @@ def _build_into(spill: Spill, adapters, shapes, batches, rule, method, sweeps, p
             # Each hand-over of work to a thread (its start included) completes with Ctrl-C held, so
             # that everything started is held here and waited out below (``store.interrupts``).
             with held_interrupts():
+                # sources read one batch ahead, a file per task; hashed alongside. Both take their share
+                # of a large machine, and one thread each on a small one, where the compute needs the cores
                 reader = ThreadPoolExecutor(max_workers=1)
                 files = ThreadPoolExecutor(max_workers=max(1, min(8, cores_here // 2)))
                 hasher = ThreadPoolExecutor(max_workers=max(1, min(4, cores_here // 4)))
