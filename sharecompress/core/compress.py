@@ -281,22 +281,25 @@ def compress_batch(
     return compress_stacked(B, A, s, ranks[0], rule, **options)
 
 
-def as_rows(B: torch.Tensor, dtype: torch.dtype, scratch: Scratch | None = None, name: str = "rows") -> torch.Tensor:
+def as_rows(B: torch.Tensor, dtype: torch.dtype, scratch: Scratch | None = None, name: str = "rows",
+            copy: bool = False) -> torch.Tensor:
     """B (…, n, r) in ``dtype``, held as its transpose: the view ``Bᵀ.mT`` of a contiguous Bᵀ (…, r, n).
 
     Every large product with B (the sketch's, Uᵀ·B_t) is then one GEMM over all adapters instead
     of a batch of r-wide ones. One copy at most (into ``scratch``'s buffer ``name`` when given),
-    none when B already lies so.
+    none when B already lies so, unless ``copy`` (B's memory is about to be reused).
     """
     rows = B.transpose(-1, -2)
-    if rows.dtype != dtype or not rows.is_contiguous():
+    if copy or rows.dtype != dtype or not rows.is_contiguous():
         rows = _buffer(rows, dtype, scratch, name).copy_(rows)  # widened as it is moved
     return rows.transpose(-1, -2)
 
 
-def widened(X: torch.Tensor, dtype: torch.dtype, scratch: Scratch | None = None, name: str = "widened") -> torch.Tensor:
-    """X in ``dtype``: X itself when it is, else a contiguous copy (into ``scratch``'s buffer ``name`` when given)."""
-    return X if X.dtype == dtype else _buffer(X, dtype, scratch, name).copy_(X)
+def widened(X: torch.Tensor, dtype: torch.dtype, scratch: Scratch | None = None, name: str = "widened",
+            copy: bool = False) -> torch.Tensor:
+    """X in ``dtype``: X itself when it is (and not ``copy``), else a contiguous copy (into
+    ``scratch``'s buffer ``name`` when given)."""
+    return X if X.dtype == dtype and not copy else _buffer(X, dtype, scratch, name).copy_(X)
 
 
 def _buffer(X: torch.Tensor, dtype: torch.dtype, scratch: Scratch | None, name: str) -> torch.Tensor:

@@ -394,7 +394,6 @@ def _not_low_rank(key: str) -> str | None:
     return None
 
 
-
 def _pair_keys(file: SafetensorsFile, layout: str) -> tuple[dict[str, dict[str, str]], dict[str, str], list[str]]:
     """({module: {"A": key, "B": key}}, {module: kind}, other keys) under one layout."""
     pairs: dict[str, dict[str, str]] = {}

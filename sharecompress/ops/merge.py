@@ -414,17 +414,7 @@ def ready_for(B: torch.Tensor, A: torch.Tensor, ranks: list[int], device: str | 
     if torch.device(device).type != "cpu":
         return B, A, ranks
     work = torch.float64 if B.dtype == torch.float64 else torch.float32
-    rows = as_rows(B, work, scratch, "rows B")
-    if _shares_memory(rows, B):  # already float32 rows (rank 1): copied, as they lie
-        rows = scratch.take("rows B", tuple(rows.mT.shape), work, rows.device).copy_(rows.mT).mT
-    wide = widened(A, work, scratch, "A")
-    if _shares_memory(wide, A):
-        wide = scratch.take("A", tuple(A.shape), work, A.device).copy_(A)
-    return rows, wide, ranks
-
-
-def _shares_memory(X: torch.Tensor, Y: torch.Tensor) -> bool:
-    return X.untyped_storage().data_ptr() == Y.untyped_storage().data_ptr()
+    return as_rows(B, work, scratch, "rows B", copy=True), widened(A, work, scratch, "A", copy=True), ranks
 
 
 def name_the_bad_tensor(holders: list[Adapter], modules: list[str]) -> None:

@@ -17,6 +17,7 @@ from .storage import safe_name, save_tensors
 
 BASIS_METADATA = {"format": "pt", "sharecompress": "basis"}
 CORES_METADATA = {"format": "pt", "sharecompress": "coefficients"}
+EXTRAS_METADATA = {"format": "pt", "sharecompress": "extras"}
 
 
 def write_zoo_files(names, spill: Spill, modules, entries, extras, staging: Dir) -> dict:
@@ -68,5 +69,5 @@ def write_adapter_files(folder: Dir, stem: str, cores_file: Iterable[memoryview]
     entry["file_sha256"] = folder.write_new(f"{stem}{tag}.safetensors", cores_file)
     if extras:
         entry["extras_file"] = f"adapters/{stem}.extras{tag}.safetensors"
-        entry["extras_sha256"] = save_tensors(folder, f"{stem}.extras{tag}.safetensors", extras, {"format": "pt", "sharecompress": "extras"})
+        entry["extras_sha256"] = save_tensors(folder, f"{stem}.extras{tag}.safetensors", extras, EXTRAS_METADATA)
     return entry
